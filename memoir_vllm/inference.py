@@ -1,0 +1,68 @@
+"""Teacher-forced scoring and greedy generation through an attached memory, batched and routed per row."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from .hf import MemoirLayer, Routing, routed
+from .tokens import encode_pairs, encode_prompts
+
+
+@dataclass
+class Scored:
+    """Teacher-forced results for 'prompt target' rows."""
+
+    token_acc: list[float]  # per row: fraction of target tokens predicted by argmax
+    pred_tokens: list[list[int]]  # per row: argmax token at each target position
+    target_logits: list[torch.Tensor]  # per row: [n_target, V] logits predicting the target tokens
+    routing: Routing | None
+
+
+def _max_length(model) -> int | None:
+    return getattr(model.config, "max_position_embeddings", None)
+
+
+@torch.no_grad()
+def score(
+    model, tok, layer: MemoirLayer | None, prompts: list[str], targets: list[str], use_memory: bool = True,
+    keep_logits: bool = False,
+) -> Scored:
+    """Teacher-forced forward of 'prompt target' rows; each row routed from its prompt tokens."""
+    b = encode_pairs(tok, prompts, targets, _max_length(model))
+    prompt_mask = b.prompt_mask if (use_memory and layer is not None) else None
+    if layer is None:
+        logits = model(input_ids=b.input_ids, attention_mask=b.attention_mask, use_cache=False).logits
+        routing = None
+    else:
+        with routed(layer, prompt_mask):
+            logits = model(input_ids=b.input_ids, attention_mask=b.attention_mask, use_cache=False).logits
+            routing = layer.routing
+    pred = b.target_mask[:, 1:]  # [B, T-1] positions whose next token is a target token
+    argmax = logits[:, :-1].argmax(-1)  # [B, T-1]
+    labels = b.input_ids[:, 1:]
+    accs, preds, tl = [], [], []
+    for i in range(len(prompts)):
+        sel = pred[i]
+        preds.append(argmax[i][sel].tolist())
+        accs.append((argmax[i][sel] == labels[i][sel]).float().mean().item())
+        tl.append(logits[i, :-1][sel].float() if keep_logits else torch.empty(0))
+    return Scored(accs, preds, tl, routing)
+
+
+@torch.no_grad()
+def generate(
+    model, tok, layer: MemoirLayer | None, prompts: list[str], max_new_tokens: int = 16, use_memory: bool = True
+) -> tuple[list[str], Routing | None]:
+    """Greedy answers; the routing of each row is decided once from its prompt at prefill."""
+    ids, attn = encode_prompts(tok, prompts, _max_length(model))
+    kw = dict(input_ids=ids, attention_mask=attn, max_new_tokens=max_new_tokens, do_sample=False,
+              pad_token_id=tok.pad_token_id)
+    if layer is None:
+        out, routing = model.generate(**kw), None
+    else:
+        with routed(layer, attn.bool() if use_memory else None):
+            out = model.generate(**kw)
+            routing = layer.routing
+    texts = [tok.decode(row, skip_special_tokens=True) for row in out[:, ids.shape[1]:]]
+    return texts, routing

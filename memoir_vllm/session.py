@@ -1,0 +1,153 @@
+"""Memoir: a transformers model with one residual memory attached; the library's front door.
+
+    m = Memoir.create("default")                       # embedded SmolLM2-135M-Instruct
+    m.edit("The capital of Freedonia is", "Fredville")
+    print(m.ask(["The capital of Freedonia is"]))
+    m.save("snapshots/freedonia")                      # versioned, atomic
+    m = Memoir.from_snapshot("snapshots/freedonia")
+"""
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass
+from importlib import resources
+from pathlib import Path
+from typing import Callable, Iterable
+
+from tqdm.auto import tqdm
+
+from .config import MemoirConfig, default_config
+from .editor import EditResult, SequentialEditor, compute_background, generate_templates
+from .edits import EditRequest
+from .hf import attach, down_proj_path, model_dims
+from .inference import generate
+from .memory import ResidualMemory
+from .models import load_model, model_identity, resolve_model_dir
+from .snapshot import EditRecord, Snapshot, check_model, load_snapshot, save_snapshot
+
+log = logging.getLogger(__name__)
+
+
+def builtin_background() -> list[str]:
+    """The packaged unrelated general-knowledge texts used for the background mean by default."""
+    text = resources.files("memoir_vllm").joinpath("background.txt").read_text(encoding="utf-8")
+    return [line.strip() for line in text.splitlines() if line.strip()]
+
+
+@dataclass
+class Answer:
+    """One prompt answered with and without the memory."""
+
+    prompt: str
+    answer: str
+    base_answer: str
+    edit_id: int | None  # the edit the prompt was routed to, None for the base model
+    overlap: float  # best overlap ratio |M_q & M_i| / k over the active edits
+
+    def to_dict(self) -> dict:
+        return dict(prompt=self.prompt, answer=self.answer, base_answer=self.base_answer, edit_id=self.edit_id,
+                    overlap=round(self.overlap, 4))
+
+
+class Memoir:
+    """A frozen causal LM plus a ResidualMemory at one layer, with its editor and edit records."""
+
+    def __init__(self, model, tok, memory: ResidualMemory, cfg: MemoirConfig, templates: list[str],
+                 edits: list[EditRecord], model_ref: str, parent: Snapshot | None = None):
+        self.model, self.tok, self.memory, self.cfg = model, tok, memory, cfg
+        self.edits = edits
+        self.model_ref = model_ref  # 'default' or the model directory, recorded in snapshots
+        self.module = down_proj_path(model, cfg.layer)
+        self.editor = SequentialEditor(model, tok, memory, cfg, templates)
+        self.layer = self.editor.layer
+        self.parent = parent
+
+    # -- construction ---------------------------------------------------------------------------
+
+    @classmethod
+    def create(cls, model: str | Path = "default", background: list[str] | None = None, **settings) -> "Memoir":
+        """A fresh, empty memory on a model ('default' or a local HF directory).
+
+        settings override the model's measured defaults (see MemoirConfig), e.g. tau=0.6, fast=True.
+        """
+        hf_model, tok = load_model(model)
+        n_layers, d_model, d_inner = model_dims(hf_model)
+        cfg = default_config(hf_model.config.model_type, n_layers, d_inner, **settings).resolved(n_layers, d_inner)
+        memory = ResidualMemory(d_model, d_inner, cfg.k, cfg.tau, cfg.seed, cfg.feature)
+        layer = attach(hf_model, memory, cfg.layer)
+        texts = (background or builtin_background())[: cfg.n_background]
+        memory.background.copy_(compute_background(hf_model, tok, layer, texts))
+        templates = generate_templates(hf_model, tok, cfg.n_templates)
+        ref = "default" if str(model) == "default" else str(resolve_model_dir(model).resolve())
+        return cls(hf_model, tok, memory, cfg, templates, [], ref)
+
+    @classmethod
+    def from_snapshot(cls, snapshot: str | Path, model: str | Path | None = None) -> "Memoir":
+        """Load a snapshot onto its model (or `model`, which must have the same config)."""
+        snap = load_snapshot(snapshot)
+        ref = str(model) if model is not None else snap.manifest["model"].get("path", "default")
+        hf_model, tok = load_model(ref)
+        check_model(snap.manifest, model_identity(hf_model), down_proj_path(hf_model, snap.config.layer))
+        return cls(hf_model, tok, snap.memory, snap.config, snap.templates, snap.edits, ref, parent=snap)
+
+    # -- editing --------------------------------------------------------------------------------
+
+    def edit(self, prompt: str, target: str, source: str = "") -> EditResult:
+        """Write one fact; returns its edit id, loss trajectory and time."""
+        result = self.editor.edit(prompt, target)
+        self.edits.append(EditRecord(prompt, target, source))
+        return result
+
+    def edit_many(
+        self, requests: Iterable[EditRequest], progress: bool = True,
+        after_each: Callable[[int, EditResult], None] | None = None,
+    ) -> list[EditResult]:
+        """Write edits sequentially with a progress bar (edits/s); after_each(i, result) runs after each."""
+        requests = list(requests)
+        results = []
+        t0 = time.perf_counter()
+        bar = tqdm(requests, desc="editing", unit="edit", disable=not progress)
+        for i, req in enumerate(bar):
+            res = self.edit(req.prompt, req.target, req.source)
+            results.append(res)
+            bar.set_postfix(loss=f"{res.losses[-1]:.3f}", steps=res.steps)
+            if after_each:
+                after_each(i, res)
+        dt = time.perf_counter() - t0
+        log.info("%d edits in %.1f s (%.2f edits/s)", len(results), dt, len(results) / max(dt, 1e-9))
+        return results
+
+    def set_active(self, edit_id: int, active: bool) -> None:
+        """Disable (or re-enable) one edit: a disabled edit is never routed to."""
+        self.memory.index.set_active(edit_id, active)
+
+    def set_tau(self, tau: float) -> None:
+        if not 0.0 <= tau <= 1.0:
+            raise ValueError(f"tau={tau} is outside [0, 1]")
+        self.memory.tau = self.cfg.tau = tau
+
+    # -- asking ---------------------------------------------------------------------------------
+
+    def ask(self, prompts: list[str], max_new_tokens: int = 16) -> list[Answer]:
+        """Greedy answers with and without the memory, the matched edit and the best overlap."""
+        answers, routing = generate(self.model, self.tok, self.layer, prompts, max_new_tokens, use_memory=True)
+        base, _ = generate(self.model, self.tok, self.layer, prompts, max_new_tokens, use_memory=False)
+        out = []
+        for i, p in enumerate(prompts):
+            row = int(routing.row[i]) if routing is not None else -1
+            edit_id = int(self.memory.index.edit_ids[row]) if row >= 0 else None
+            overlap = float(routing.ratio[i]) if routing is not None else 0.0
+            out.append(Answer(p, answers[i], base[i], edit_id, overlap))
+        return out
+
+    # -- saving ---------------------------------------------------------------------------------
+
+    def model_id(self) -> dict:
+        return {**model_identity(self.model), "path": self.model_ref}
+
+    def save(self, root: str | Path, keep: int = 3) -> Path:
+        """Write the memory as the next version of the snapshot store at root."""
+        return save_snapshot(root, self.memory, self.cfg, self.model_id(), self.module, self.editor.templates,
+                             self.edits, keep=keep)
+

@@ -1,0 +1,289 @@
+"""Versioned, atomic memory snapshots: safetensors + Parquet + JSON, readable without memoir.
+
+A snapshot store is a directory:
+
+    SNAPDIR/
+      LATEST                  the name of the newest complete version (replaced atomically)
+      v000001/ v000002/ ...   one directory per version:
+        manifest.json         format, model identity, layer, D, k, seed, tau, edit count, parent, sha256s
+        memory.safetensors    weight [S, d_model, D], perm [D], background [D]
+        edits.parquet         edit_id, prompt, target, mask (k indices), shard, created, source, active
+
+Each version is written into a temporary directory, fsynced, then renamed; LATEST is replaced
+after. A reader therefore sees a whole version or none, and a crash keeps the previous LATEST.
+Every path that takes a snapshot accepts the store or one version directory.
+"""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import uuid
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+import torch
+from safetensors.torch import load_file, save_file
+
+from .config import MemoirConfig
+from .memory import ResidualMemory
+from .models import sha256_file
+
+FORMAT_VERSION = 1
+MANIFEST, WEIGHTS, EDITS, LATEST = "manifest.json", "memory.safetensors", "edits.parquet", "LATEST"
+
+
+class SnapshotError(ValueError):
+    """A snapshot that cannot be used: missing, corrupt, or made for another model or layer."""
+
+
+@dataclass
+class EditRecord:
+    """What a snapshot remembers of one edit besides its mask."""
+
+    prompt: str
+    target: str
+    source: str = ""
+    created: str = field(default_factory=lambda: datetime.now(timezone.utc).isoformat(timespec="seconds"))
+
+
+@dataclass
+class Snapshot:
+    """A loaded snapshot version."""
+
+    path: Path
+    manifest: dict[str, Any]
+    memory: ResidualMemory
+    edits: list[EditRecord]
+    config: MemoirConfig
+    templates: list[str]
+
+    @property
+    def version(self) -> int:
+        return int(self.manifest["version"])
+
+
+# -- paths -------------------------------------------------------------------------------------
+
+
+def resolve_version(path: str | Path) -> Path:
+    """The version directory a path names: itself if it holds a manifest, else the store's LATEST."""
+    path = Path(path).expanduser()
+    if (path / MANIFEST).exists():
+        return path
+    latest = path / LATEST
+    if latest.exists():
+        version = path / latest.read_text().strip()
+        if (version / MANIFEST).exists():
+            return version
+        raise SnapshotError(f"{latest} names {version.name}, which is missing: the store is damaged")
+    if not path.exists():
+        raise SnapshotError(f"snapshot {path} does not exist: pass a directory written by `memoir edit --out`")
+    raise SnapshotError(f"{path} is not a memoir snapshot (no {MANIFEST} and no {LATEST})")
+
+
+def latest_version(root: str | Path) -> Path | None:
+    """The newest complete version of a store, or None for a new or empty store."""
+    try:
+        return resolve_version(root)
+    except SnapshotError:
+        return None
+
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _fsync_file(path: Path) -> None:
+    with open(path, "rb+") as f:
+        os.fsync(f.fileno())
+
+
+# -- save --------------------------------------------------------------------------------------
+
+
+def save_snapshot(
+    root: str | Path,
+    memory: ResidualMemory,
+    config: MemoirConfig,
+    model_id: dict[str, Any],
+    module: str,
+    templates: list[str],
+    edits: list[EditRecord],
+    keep: int = 3,
+    extra: dict[str, Any] | None = None,
+) -> Path:
+    """Write the memory as the next version of the store at `root`; returns the version directory.
+
+    keep: how many versions to keep (older ones are removed after the new LATEST is in place).
+    """
+    if len(edits) != memory.n_edits:
+        raise ValueError(f"{len(edits)} edit records for {memory.n_edits} stored masks: they must match one to one")
+    root = Path(root).expanduser()
+    try:
+        root.mkdir(parents=True, exist_ok=True)
+        probe = root / f".probe-{uuid.uuid4().hex}"
+        probe.touch()
+        probe.unlink()
+    except OSError as e:
+        raise SnapshotError(f"cannot write snapshots to {root}: {e.strerror}. Choose a writable --out directory") from e
+    parent = latest_version(root)
+    version = (json.loads((parent / MANIFEST).read_text())["version"] + 1) if parent else 1
+    name = f"v{version:06d}"
+    tmp = root / f".tmp-{name}-{uuid.uuid4().hex[:8]}"
+    tmp.mkdir()
+    try:
+        _write_files(tmp, memory, edits, config, model_id)
+        manifest = {
+            "format_version": FORMAT_VERSION,
+            "version": version,
+            "parent": parent.name if parent else None,
+            "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+            "model": model_id,
+            "module": module,
+            "layer": config.layer,
+            "d_model": memory.d_model,
+            "d_inner": memory.d_inner,
+            "dtype": str(memory.weight.dtype).removeprefix("torch."),
+            "k": memory.k,
+            "seed": memory.seed,
+            "tau": memory.tau,
+            "feature": memory.feature,
+            "n_shards": memory.n_shards,
+            "n_edits": memory.n_edits,
+            "n_active": memory.index.n_active,
+            "config": config.to_dict(),
+            "templates": templates,
+            "files": {f: sha256_file(tmp / f) for f in (WEIGHTS, EDITS)},
+            **(extra or {}),
+        }
+        (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2))
+        for f in (WEIGHTS, EDITS, MANIFEST):
+            _fsync_file(tmp / f)
+        _fsync_dir(tmp)
+        final = root / name
+        os.rename(tmp, final)
+        _fsync_dir(root)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    _write_latest(root, name)
+    _prune(root, keep)
+    return final
+
+
+def _write_files(d: Path, memory: ResidualMemory, edits: list[EditRecord], config: MemoirConfig, model_id: dict) -> None:
+    tensors = {
+        "weight": memory.weight.detach().cpu().contiguous(),
+        "perm": memory.perm.cpu().contiguous(),
+        "background": memory.background.cpu().contiguous(),
+    }
+    meta = {"layer": str(config.layer), "model": json.dumps(model_id), "k": str(memory.k), "seed": str(memory.seed)}
+    save_file(tensors, str(d / WEIGHTS), metadata=meta)
+    idx = memory.index
+    masks = idx.masks(torch.arange(len(idx))) if len(idx) else torch.zeros(0, memory.d_inner, dtype=torch.bool)
+    mask_lists = [m.nonzero().flatten().to(torch.int16).tolist() for m in masks]
+    table = pa.table(
+        {
+            "edit_id": pa.array(idx.edit_ids.tolist(), pa.int64()),
+            "prompt": pa.array([e.prompt for e in edits], pa.string()),
+            "target": pa.array([e.target for e in edits], pa.string()),
+            "mask": pa.array(mask_lists, pa.list_(pa.int16())),
+            "shard": pa.array(idx.shards.tolist(), pa.int64()),
+            "created": pa.array([e.created for e in edits], pa.string()),
+            "source": pa.array([e.source for e in edits], pa.string()),
+            "active": pa.array(idx.active.tolist(), pa.bool_()),
+        }
+    )
+    pq.write_table(table, d / EDITS)
+
+
+def _write_latest(root: Path, name: str) -> None:
+    tmp = root / f".{LATEST}.{uuid.uuid4().hex[:8]}"
+    tmp.write_text(name + "\n")
+    _fsync_file(tmp)
+    os.replace(tmp, root / LATEST)
+    _fsync_dir(root)
+
+
+def _prune(root: Path, keep: int) -> None:
+    versions = sorted(p for p in root.glob("v[0-9]*") if p.is_dir())
+    for old in versions[: max(0, len(versions) - max(keep, 1))]:
+        shutil.rmtree(old, ignore_errors=True)
+    for stale in root.glob(".tmp-*"):  # left by a crash before its rename
+        shutil.rmtree(stale, ignore_errors=True)
+
+
+# -- load --------------------------------------------------------------------------------------
+
+
+def read_manifest(path: str | Path) -> dict[str, Any]:
+    return json.loads((resolve_version(path) / MANIFEST).read_text())
+
+
+def load_snapshot(path: str | Path, verify: bool = True) -> Snapshot:
+    """Load a snapshot version (or a store's LATEST), verifying every file's sha256."""
+    d = resolve_version(path)
+    manifest = json.loads((d / MANIFEST).read_text())
+    if manifest.get("format_version") != FORMAT_VERSION:
+        raise SnapshotError(f"{d} has format {manifest.get('format_version')}, this memoir reads {FORMAT_VERSION}")
+    if verify:
+        for f, digest in manifest["files"].items():
+            if not (d / f).exists():
+                raise SnapshotError(f"{d / f} is missing: the snapshot is incomplete")
+            if sha256_file(d / f) != digest:
+                raise SnapshotError(f"{d / f} does not match its checksum in {MANIFEST}: the file is corrupt or was modified")
+    tensors = load_file(str(d / WEIGHTS))
+    memory = ResidualMemory(
+        manifest["d_model"], manifest["d_inner"], manifest["k"], manifest["tau"], manifest["seed"],
+        manifest["feature"], n_shards=manifest["n_shards"], dtype=tensors["weight"].dtype,
+    )
+    with torch.no_grad():
+        memory.weight.copy_(tensors["weight"])
+        memory.background.copy_(tensors["background"])
+    if not torch.equal(memory.perm, tensors["perm"]):
+        raise SnapshotError(f"{d}: stored permutation differs from seed {manifest['seed']}'s: the masks would not match")
+    table = pq.read_table(d / EDITS).to_pylist()
+    if table:
+        from .tophash import indices_to_mask
+
+        masks = indices_to_mask(torch.tensor([r["mask"] for r in table], dtype=torch.int64), manifest["d_inner"])
+        memory.index.add(masks, torch.tensor([r["edit_id"] for r in table]), torch.tensor([r["shard"] for r in table]))
+        memory.index.active.copy_(torch.tensor([r["active"] for r in table]))
+    edits = [EditRecord(r["prompt"], r["target"], r["source"], r["created"]) for r in table]
+    return Snapshot(d, manifest, memory, edits, MemoirConfig.from_dict(manifest["config"]), manifest["templates"])
+
+
+def check_model(manifest: dict[str, Any], model_id: dict[str, Any], module: str) -> None:
+    """Refuse a snapshot made for another model or layer, naming both."""
+    want = manifest["model"]
+    if want.get("config_sha256") != model_id.get("config_sha256"):
+        raise SnapshotError(
+            f"snapshot was made for model {want.get('name')!r} (config {want.get('config_sha256', '')[:12]}), "
+            f"not for {model_id.get('name')!r} (config {model_id.get('config_sha256', '')[:12]}): "
+            "load it with the model it was made for"
+        )
+    if manifest["module"] != module:
+        raise SnapshotError(f"snapshot edits {manifest['module']}, but this setup edits {module}: use layer {manifest['layer']}")
+
+
+def snapshot_info(path: str | Path) -> dict[str, Any]:
+    """A short summary of a snapshot store or version (no tensors loaded)."""
+    d = resolve_version(path)
+    m = json.loads((d / MANIFEST).read_text())
+    root = d.parent if (d.parent / LATEST).exists() else None
+    keys = ("version", "parent", "created", "model", "module", "layer", "d_model", "d_inner", "k", "seed", "tau",
+            "feature", "n_shards", "n_edits", "n_active")
+    info = {k: m.get(k) for k in keys}
+    info["path"] = str(d)
+    if root:
+        info["versions"] = sorted(p.name for p in root.glob("v[0-9]*") if p.is_dir())
+    return info
