@@ -1,0 +1,65 @@
+"""The evaluation subcommands of `memoir`: eval (more are added by calibrate/retention/lm-eval modules).
+
+Each maps its flags onto one library function and holds no logic.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+
+
+
+def _core():
+    """memoir_vllm.cli's shared flag helpers, imported late (memoir_vllm.cli imports this module)."""
+    from memoir_vllm import cli
+
+    return cli
+
+
+def _ints(text: str) -> list[int]:
+    try:
+        vals = [int(x) for x in text.split(",") if x.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"--T {text!r}: give comma-separated integers, e.g. 1,10,100") from None
+    if not vals or min(vals) < 1:
+        raise argparse.ArgumentTypeError(f"--T {text!r}: every T must be a positive integer")
+    return vals
+
+
+def cmd_eval(args: argparse.Namespace) -> int:
+    from memoir_vllm.edit_job import read_background
+
+    from .report import markdown_table
+    from .runner import run_eval
+
+    _core()._threads(args.threads)
+    results = run_eval(
+        model=args.model, data=args.data, Ts=args.T, out=args.out, limit=args.limit, chunks=args.chunks,
+        settings=_core()._settings(args), generative=not args.no_generative, batch_size=args.batch_size,
+        background=read_background(args.background),
+    )
+    print(markdown_table(results))
+    print(f"results: {args.out}/results.json")
+    return 0
+
+
+def add_eval(sub) -> None:
+    p = sub.add_parser("eval", help="the paper's sequential-editing protocol on ZsRE / hallucination / temporal",
+                       description="Pre-edit outputs first; then for each T the first 1000 records are cut into chunks "
+                       "of T, each edited from a fresh memory and evaluated after its T edits; metrics are averaged "
+                       "over chunks. Writes results.json, results.md, records_T*.jsonl and plots to --out.")
+    p.add_argument("--model", default="default", help="'default' (embedded SmolLM2-135M) or a local HF model directory")
+    p.add_argument("--data", required=True, help="zsre | hallucination | temporal | a JSON/JSONL/Parquet file")
+    p.add_argument("--T", type=_ints, default=[1, 10, 100], help="comma-separated edits per chunk (default 1,10,100)")
+    p.add_argument("--limit", type=int, help="use only the first N records")
+    p.add_argument("--chunks", type=int, help="run at most N chunks per T (reported as run/total)")
+    p.add_argument("--out", required=True, help="output directory")
+    p.add_argument("--no-generative", action="store_true", help="skip greedy-decoding metrics")
+    p.add_argument("--batch-size", type=int, default=16)
+    p.add_argument("--background", help="text file of unrelated prompts for the background mean")
+    p.add_argument("--threads", type=int)
+    _core()._add_settings(p)
+    p.set_defaults(func=cmd_eval)
+
+
+EVAL_SUBCOMMANDS = [add_eval]
