@@ -63,3 +63,28 @@ def add_eval(sub) -> None:
 
 
 EVAL_SUBCOMMANDS = [add_eval]
+
+
+# -- lm-eval ---------------------------------------------------------------------------------------
+
+
+def cmd_lm_eval(args: argparse.Namespace) -> int:
+    from .lm_eval_entry import run_lm_eval
+
+    _core()._threads(args.threads)
+    run_lm_eval(args.lm_eval_args)
+    return 0
+
+
+def add_lm_eval(sub) -> None:
+    p = sub.add_parser("lm-eval", help="run lm-eval with the memoir model type and the memoir task pack registered",
+                       description="Passes every argument to lm-eval's CLI after registering the `memoir` model type "
+                       "and adding the repository's tasks/ to --include_path. Defaults: `run`, --model memoir. "
+                       "Example: memoir lm-eval --model_args snapshot=SNAP --tasks memoir_zsre --limit 10",
+                       prefix_chars="+")  # so that lm-eval's own --flags pass through untouched
+    p.add_argument("++threads", type=int, help="torch threads")
+    p.add_argument("lm_eval_args", nargs=argparse.REMAINDER, help="lm-eval arguments")
+    p.set_defaults(func=cmd_lm_eval)
+
+
+EVAL_SUBCOMMANDS.append(add_lm_eval)

@@ -210,3 +210,22 @@ def chunk_positions(n_records: int, T: int, max_chunks: int | None) -> tuple[lis
     total = n // T
     chunks = [list(range(c * T, (c + 1) * T)) for c in range(total)]
     return chunks[: max_chunks or total], total
+
+
+def evaluate_snapshot(snapshot: str, records: list[EvalRecord], model: str | None = None, ppl: bool = False,
+                      generative: bool = False, batch_size: int = 16) -> tuple[list[dict[str, Any]], dict[str, Any]]:
+    """Evaluate a snapshot whose edits are records[0..n-1] in order (as `memoir edit` writes them).
+
+    The unedited outputs come from the same model with the memory off. Returns per-edit rows and
+    the summary (same metrics as the protocol, one chunk).
+    """
+    m = Memoir.from_snapshot(snapshot, model=model)
+    n = m.memory.n_edits
+    if n == 0 or n > len(records):
+        raise ValueError(f"the snapshot holds {n} edits but {len(records)} records were given: give the records "
+                         "the snapshot was edited with, in order")
+    ev = Evaluator(base=m, batch_size=batch_size, generative=generative)
+    positions = list(range(n))
+    pre = ev.pre_edit(records, positions, ppl=ppl)
+    rows = ev.evaluate(m, records, positions, pre, ppl=ppl)
+    return rows, summarize([rows])
