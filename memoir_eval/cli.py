@@ -88,3 +88,91 @@ def add_lm_eval(sub) -> None:
 
 
 EVAL_SUBCOMMANDS.append(add_lm_eval)
+
+
+# -- calibrate -------------------------------------------------------------------------------------
+
+
+def _int_list(text: str) -> list[int]:
+    return [int(x) for x in text.split(",") if x.strip()]
+
+
+def cmd_calibrate(args: argparse.Namespace) -> int:
+    from memoir_vllm.session import Memoir
+
+    from .calibrate import calibrate
+    from .report import write_json
+
+    _core()._threads(args.threads)
+    if args.snapshot:
+        m = Memoir.from_snapshot(args.snapshot, model=None if args.model == "default" else args.model)
+    else:
+        m = Memoir.create(args.model, **_core()._settings(args))
+    result = calibrate(m, layers=_int_list(args.sweep_layers) if args.sweep_layers else None,
+                       ks=_int_list(args.sweep_k) if args.sweep_k else None,
+                       feats=args.sweep_features.split(",") if args.sweep_features else None, max_false=args.max_false)
+    if args.snapshot and args.write:
+        m.set_tau(result["chosen"]["tau"])
+        result["snapshot"] = str(m.save(_snapshot_root(args.snapshot)))
+    if args.out:
+        write_json(args.out, result)
+    print(json.dumps(result if args.full else {"chosen": result["chosen"], "n": result["n"],
+                                                "snapshot": result.get("snapshot")}, indent=2))
+    return 0
+
+
+def _snapshot_root(path: str):
+    from memoir_vllm.snapshot import resolve_version
+
+    return resolve_version(path).parent
+
+
+def add_calibrate(sub) -> None:
+    p = sub.add_parser("calibrate", help="pick tau from overlap distributions on data outside the eval stream",
+                       description="Routing only (no training): best overlaps of paraphrases (ZsRE records >= 1000, "
+                       "temporal-train) and unrelated prompts against the calibration edits' masks; tau = the "
+                       "(1 - max_false) quantile of unrelated best overlaps + 1/k. Prints JSON.")
+    p.add_argument("--model", default="default", help="'default' or a local HF model directory")
+    p.add_argument("--snapshot", help="calibrate this snapshot's setting (its model, layer, k, feature)")
+    p.add_argument("--write", action="store_true", help="with --snapshot: save a new version with the chosen tau")
+    p.add_argument("--max-false", type=float, default=0.01, help="largest fraction of unrelated prompts routed")
+    p.add_argument("--sweep-layers", help="comma-separated layers to compare, e.g. 20,23,25,27")
+    p.add_argument("--sweep-k", help="comma-separated k values to compare, e.g. 220,439,768")
+    p.add_argument("--sweep-features", help="comma-separated features: mean_decentered,mean,last,zscore")
+    p.add_argument("--out", help="write the full JSON here")
+    p.add_argument("--full", action="store_true", help="print the sweep too")
+    p.add_argument("--threads", type=int)
+    _core()._add_settings(p)
+    p.set_defaults(func=cmd_calibrate)
+
+
+# -- retention -------------------------------------------------------------------------------------
+
+
+def cmd_retention(args: argparse.Namespace) -> int:
+    from memoir_vllm.session import Memoir
+
+    from .report import write_json
+    from .retention import retention
+
+    _core()._threads(args.threads)
+    m = Memoir.from_snapshot(args.snapshot, model=args.model)
+    result = retention(m, limit=args.limit, batch_size=args.batch_size)
+    if args.out:
+        write_json(args.out, result)
+    print(json.dumps(result, indent=2))
+    return 0
+
+
+def add_retention(sub) -> None:
+    p = sub.add_parser("retention", help="offline capability retention: NQ accuracy and unrelated-text PPL, memory on vs off")
+    p.add_argument("--snapshot", required=True, help="snapshot store or version")
+    p.add_argument("--model", help="model directory (default: the snapshot's)")
+    p.add_argument("--limit", type=int, help="first N items of each set")
+    p.add_argument("--batch-size", type=int, default=16)
+    p.add_argument("--out", help="write the JSON here")
+    p.add_argument("--threads", type=int)
+    p.set_defaults(func=cmd_retention)
+
+
+EVAL_SUBCOMMANDS += [add_calibrate, add_retention]

@@ -17,6 +17,7 @@ from pathlib import Path
 from memoir_vllm.edits import EditFileError, EditRequest, load_edits
 
 REPO = Path(__file__).resolve().parents[1]
+STREAM_END = 1000  # ZsRE records [0, 1000) are the evaluation stream; calibration uses the rest
 
 # benchmark name -> (file under the data root, records that form the evaluation stream)
 BENCHMARKS: dict[str, str] = {

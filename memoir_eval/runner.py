@@ -60,18 +60,17 @@ def run_eval(
             all_rows.append(rows)
             edit_s += times["edit_s"]
             eval_s += times["eval_s"]
-        n_edits = sum(len(r) for r in all_rows)
-        results["runs"][str(T)] = dict(
-            T=len(chunk_list[0]), chunks_run=len(chunk_list), chunks_total=total, n_edits=n_edits,
-            edit_s=edit_s, eval_s=eval_s, metrics=summarize(all_rows),
-        )
+            results["runs"][str(T)] = dict(  # rewritten after every chunk: an interrupted run keeps its chunks
+                T=len(chunk_list[0]), chunks_run=len(all_rows), chunks_total=total,
+                n_edits=sum(len(r) for r in all_rows), edit_s=edit_s, eval_s=eval_s, metrics=summarize(all_rows),
+            )
+            write_json(out / "results.json", results)
+            _write_rows(out / f"records_T{T}.jsonl", all_rows)
         overlaps[str(T)] = {
             "edit prompts": [r["edit_overlap"] for rows in all_rows for r in rows],
             "paraphrases": [r["para_overlap"] for rows in all_rows for r in rows if "para_overlap" in r],
             "unrelated": [r["loc_overlap"] for rows in all_rows for r in rows if "loc_overlap" in r],
         }
-        _write_rows(out / f"records_T{T}.jsonl", all_rows)
-        write_json(out / "results.json", results)  # after every T: a long run keeps what it has
         log.info("T=%d done: %s", T, json.dumps({k: round(v["mean"], 4) for k, v in results["runs"][str(T)]["metrics"].items()}))
     write_json(out / "overlaps.json", overlaps)
     write_text(out / "results.md", markdown_table(results))
