@@ -213,13 +213,15 @@ def chunk_positions(n_records: int, T: int, max_chunks: int | None) -> tuple[lis
 
 
 def evaluate_snapshot(snapshot: str, records: list[EvalRecord], model: str | None = None, ppl: bool = False,
-                      generative: bool = False, batch_size: int = 16) -> tuple[list[dict[str, Any]], dict[str, Any]]:
+                      generative: bool = False, batch_size: int = 16, tau: float | None = None) -> tuple[list[dict[str, Any]], dict[str, Any]]:
     """Evaluate a snapshot whose edits are records[0..n-1] in order (as `memoir edit` writes them).
 
     The unedited outputs come from the same model with the memory off. Returns per-edit rows and
     the summary (same metrics as the protocol, one chunk).
     """
     m = Memoir.from_snapshot(snapshot, model=model)
+    if tau is not None:
+        m.set_tau(tau)
     n = m.memory.n_edits
     if n == 0 or n > len(records):
         raise ValueError(f"the snapshot holds {n} edits but {len(records)} records were given: give the records "
