@@ -39,12 +39,13 @@ class CalibrationSet:
     unrelated: list[str]
 
 
-def calibration_set(zsre_from: int = STREAM_END) -> CalibrationSet:
-    """The calibration prompts from ZsRE records >= zsre_from, temporal-train and hallucination-train."""
+def calibration_set(zsre_from: int = STREAM_END, max_per_source: int | None = None) -> CalibrationSet:
+    """The calibration prompts from ZsRE records >= zsre_from, temporal-train and hallucination-train
+    (at most max_per_source records of each)."""
     stored, paras, owner, unrelated = [], [], [], []
     for name, offset in (("zsre", zsre_from), ("temporal-train", 0), ("hallucination-train", 0)):
         try:
-            recs = load_records(name, offset=offset)
+            recs = load_records(name, offset=offset, limit=max_per_source)
         except FileNotFoundError as e:
             log.warning("calibration: skipping %s (%s)", name, e)
             continue
@@ -145,8 +146,12 @@ def evaluate_option(acts: dict[str, list[torch.Tensor]], bg: list[torch.Tensor],
 
 
 def calibrate(m, layers: list[int] | None = None, ks: list[int] | None = None, feats: list[str] | None = None,
-              max_false: float = 0.01, background: list[str] | None = None, progress: bool = True) -> dict[str, Any]:
-    """Choose tau for m's (layer, k, feature) and sweep the alternatives. m: a Memoir (its model is used).
+              max_false: float = 0.01, background: list[str] | None = None, progress: bool = True,
+              max_per_source: int | None = None) -> dict[str, Any]:
+    """Choose tau for m's (layer, k, feature) and sweep the alternatives.
+
+    m: anything with .model, .tok and a resolved .cfg (a Memoir, or `base_model(...)` which skips the
+    background and templates a Memoir builds).
 
     Returns {"chosen": {...tau...}, "sweep": [...], "n": sizes}; the chosen entry is m's own setting.
     """
@@ -154,7 +159,7 @@ def calibrate(m, layers: list[int] | None = None, ks: list[int] | None = None, f
     layers = sorted(set(layers or [cfg.layer]) | {cfg.layer})
     ks = sorted(set(ks or [cfg.k]) | {cfg.k})
     feats = list(dict.fromkeys([cfg.feature, *(feats or [])]))
-    cal = calibration_set()
+    cal = calibration_set(max_per_source=max_per_source)
     texts = background or builtin_background()[: cfg.n_background]
     bg_acts = capture(m.model, m.tok, texts, layers, progress=progress)
     sets = {name: capture(m.model, m.tok, getattr(cal, name), layers, progress=progress)
@@ -172,3 +177,17 @@ def calibrate(m, layers: list[int] | None = None, ks: list[int] | None = None, f
                 chosen = res
     return dict(chosen=chosen, max_false=max_false, sweep=sweep,
                 n=dict(stored=len(cal.stored), paraphrases=len(cal.paraphrases), unrelated=len(cal.unrelated)))
+
+
+def base_model(model: str = "default", **settings: Any):
+    """The model, tokenizer and resolved config, without building a memory (enough for calibration)."""
+    from types import SimpleNamespace
+
+    from memoir_vllm.config import default_config
+    from memoir_vllm.hf import model_dims
+    from memoir_vllm.models import load_model
+
+    hf_model, tok = load_model(model)
+    n_layers, _, d_inner = model_dims(hf_model)
+    cfg = default_config(hf_model.config.model_type, n_layers, d_inner, **settings).resolved(n_layers, d_inner)
+    return SimpleNamespace(model=hf_model, tok=tok, cfg=cfg)

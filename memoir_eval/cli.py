@@ -100,17 +100,18 @@ def _int_list(text: str) -> list[int]:
 def cmd_calibrate(args: argparse.Namespace) -> int:
     from memoir_vllm.session import Memoir
 
-    from .calibrate import calibrate
+    from .calibrate import base_model, calibrate
     from .report import write_json
 
     _core()._threads(args.threads)
     if args.snapshot:
         m = Memoir.from_snapshot(args.snapshot, model=None if args.model == "default" else args.model)
     else:
-        m = Memoir.create(args.model, **_core()._settings(args))
+        m = base_model(args.model, **_core()._settings(args))
     result = calibrate(m, layers=_int_list(args.sweep_layers) if args.sweep_layers else None,
                        ks=_int_list(args.sweep_k) if args.sweep_k else None,
-                       feats=args.sweep_features.split(",") if args.sweep_features else None, max_false=args.max_false)
+                       feats=args.sweep_features.split(",") if args.sweep_features else None, max_false=args.max_false,
+                       max_per_source=args.max_per_source)
     if args.snapshot and args.write:
         m.set_tau(result["chosen"]["tau"])
         result["snapshot"] = str(m.save(_snapshot_root(args.snapshot)))
@@ -139,6 +140,7 @@ def add_calibrate(sub) -> None:
     p.add_argument("--sweep-layers", help="comma-separated layers to compare, e.g. 20,23,25,27")
     p.add_argument("--sweep-k", help="comma-separated k values to compare, e.g. 220,439,768")
     p.add_argument("--sweep-features", help="comma-separated features: mean_decentered,mean,last,zscore")
+    p.add_argument("--max-per-source", type=int, help="at most N records from each calibration file")
     p.add_argument("--out", help="write the full JSON here")
     p.add_argument("--full", action="store_true", help="print the sweep too")
     p.add_argument("--threads", type=int)
