@@ -150,3 +150,26 @@ def test_lm_eval_argv_defaults():
     assert argv[argv.index("--include_path") + 1] == str(TASKS_DIR)
     argv = lm_eval_argv(["validate", "--tasks", "memoir_zsre", "--include_path", "x"])
     assert argv[-1] == f"x:{TASKS_DIR}" and "--model" not in argv
+
+
+def test_retention_paired_delta():
+    from memoir_eval.retention import _paired
+
+    r = _paired([1.0, 0.0, 1.0], [1.0, 0.0, 1.0])
+    assert r["delta"] == 0.0 and r["within_stderr"] and r["n"] == 3
+    r = _paired([2.0, 3.0], [1.0, 1.0])
+    assert r["delta"] == pytest.approx(1.5) and r["delta_stderr"] == pytest.approx(0.5) and not r["within_stderr"]
+
+
+def test_eval_subcommands_registered():
+    from memoir_vllm.cli import build_parser
+
+    p = build_parser()
+    a = p.parse_args(["eval", "--data", "zsre", "--T", "1,10", "--chunks", "2", "--out", "x", "--tau", "0.6"])
+    assert a.T == [1, 10] and a.chunks == 2 and a.tau == 0.6
+    a = p.parse_args(["calibrate", "--sweep-layers", "20,25", "--max-per-source", "5"])
+    assert a.sweep_layers == "20,25" and a.max_per_source == 5
+    a = p.parse_args(["lm-eval", "--model_args", "snapshot=S", "--tasks", "memoir_zsre"])
+    assert a.lm_eval_args == ["--model_args", "snapshot=S", "--tasks", "memoir_zsre"]
+    with pytest.raises(SystemExit):
+        p.parse_args(["eval", "--data", "zsre", "--T", "0", "--out", "x"])
