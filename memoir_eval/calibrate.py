@@ -169,6 +169,9 @@ def calibrate(m, layers: list[int] | None = None, ks: list[int] | None = None, f
     for li in layers:
         means = torch.stack([a.mean(0) for a in bg_acts[li]])  # [n_bg, D] per-text mean activation
         bg = [means.mean(0), means.std(0).clamp_min(1e-6)]
+        memory = getattr(m, "memory", None)
+        if li == cfg.layer and memory is not None:  # a snapshot's own background mean, as it routes
+            bg[0] = memory.background.float()
         acts = {name: sets[name][li] for name in sets}
         for kind, k in itertools.product(feats, ks):
             res = dict(layer=li, **evaluate_option(acts, bg, cal, kind, k, cfg.seed, max_false))
