@@ -180,6 +180,7 @@ def add_demo(sub) -> None:
 
 
 SUBCOMMANDS: list[Callable] = [add_prepare_model, add_edit, add_ask, add_snapshot, add_demo]
+SUBCOMMANDS += __import__("memoir_eval.cli", fromlist=["x"]).EVAL_SUBCOMMANDS  # eval, calibrate, retention, lm-eval
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -1,0 +1,180 @@
+"""The evaluation subcommands of `memoir`: eval (more are added by calibrate/retention/lm-eval modules).
+
+Each maps its flags onto one library function and holds no logic.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+
+
+
+def _core():
+    """memoir_vllm.cli's shared flag helpers, imported late (memoir_vllm.cli imports this module)."""
+    from memoir_vllm import cli
+
+    return cli
+
+
+def _ints(text: str) -> list[int]:
+    try:
+        vals = [int(x) for x in text.split(",") if x.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"--T {text!r}: give comma-separated integers, e.g. 1,10,100") from None
+    if not vals or min(vals) < 1:
+        raise argparse.ArgumentTypeError(f"--T {text!r}: every T must be a positive integer")
+    return vals
+
+
+def cmd_eval(args: argparse.Namespace) -> int:
+    from memoir_vllm.edit_job import read_background
+
+    from .report import markdown_table
+    from .runner import run_eval
+
+    _core()._threads(args.threads)
+    results = run_eval(
+        model=args.model, data=args.data, Ts=args.T, out=args.out, limit=args.limit, chunks=args.chunks,
+        settings=_core()._settings(args), generative=not args.no_generative, batch_size=args.batch_size,
+        background=read_background(args.background),
+    )
+    print(markdown_table(results))
+    print(f"results: {args.out}/results.json")
+    return 0
+
+
+def add_eval(sub) -> None:
+    p = sub.add_parser("eval", help="the paper's sequential-editing protocol on ZsRE / hallucination / temporal",
+                       description="Pre-edit outputs first; then for each T the first 1000 records are cut into chunks "
+                       "of T, each edited from a fresh memory and evaluated after its T edits; metrics are averaged "
+                       "over chunks. Writes results.json, results.md, records_T*.jsonl and plots to --out.")
+    p.add_argument("--model", default="default", help="'default' (embedded SmolLM2-135M) or a local HF model directory")
+    p.add_argument("--data", required=True, help="zsre | hallucination | temporal | a JSON/JSONL/Parquet file")
+    p.add_argument("--T", type=_ints, default=[1, 10, 100], help="comma-separated edits per chunk (default 1,10,100)")
+    p.add_argument("--limit", type=int, help="use only the first N records")
+    p.add_argument("--chunks", type=int, help="run at most N chunks per T (reported as run/total)")
+    p.add_argument("--out", required=True, help="output directory")
+    p.add_argument("--no-generative", action="store_true", help="skip greedy-decoding metrics")
+    p.add_argument("--batch-size", type=int, default=16)
+    p.add_argument("--background", help="text file of unrelated prompts for the background mean")
+    p.add_argument("--threads", type=int)
+    _core()._add_settings(p)
+    p.set_defaults(func=cmd_eval)
+
+
+EVAL_SUBCOMMANDS = [add_eval]
+
+
+# -- lm-eval ---------------------------------------------------------------------------------------
+
+
+def cmd_lm_eval(args: argparse.Namespace) -> int:
+    from .lm_eval_entry import run_lm_eval
+
+    _core()._threads(args.threads)
+    run_lm_eval(args.lm_eval_args)
+    return 0
+
+
+def add_lm_eval(sub) -> None:
+    p = sub.add_parser("lm-eval", help="run lm-eval with the memoir model type and the memoir task pack registered",
+                       description="Passes every argument to lm-eval's CLI after registering the `memoir` model type "
+                       "and adding the repository's tasks/ to --include_path. Defaults: `run`, --model memoir. "
+                       "Example: memoir lm-eval --model_args snapshot=SNAP --tasks memoir_zsre --limit 10",
+                       prefix_chars="+")  # so that lm-eval's own --flags pass through untouched
+    p.add_argument("++threads", type=int, help="torch threads")
+    p.add_argument("lm_eval_args", nargs=argparse.REMAINDER, help="lm-eval arguments")
+    p.set_defaults(func=cmd_lm_eval)
+
+
+EVAL_SUBCOMMANDS.append(add_lm_eval)
+
+
+# -- calibrate -------------------------------------------------------------------------------------
+
+
+def _int_list(text: str) -> list[int]:
+    return [int(x) for x in text.split(",") if x.strip()]
+
+
+def cmd_calibrate(args: argparse.Namespace) -> int:
+    from memoir_vllm.session import Memoir
+
+    from .calibrate import base_model, calibrate
+    from .report import write_json
+
+    _core()._threads(args.threads)
+    if args.snapshot:
+        m = Memoir.from_snapshot(args.snapshot, model=None if args.model == "default" else args.model)
+    else:
+        m = base_model(args.model, **_core()._settings(args))
+    result = calibrate(m, layers=_int_list(args.sweep_layers) if args.sweep_layers else None,
+                       ks=_int_list(args.sweep_k) if args.sweep_k else None,
+                       feats=args.sweep_features.split(",") if args.sweep_features else None, max_false=args.max_false,
+                       max_per_source=args.max_per_source)
+    if args.snapshot and args.write:
+        m.set_tau(result["chosen"]["tau"])
+        result["snapshot"] = str(m.save(_snapshot_root(args.snapshot)))
+    if args.out:
+        write_json(args.out, result)
+    print(json.dumps(result if args.full else {"chosen": result["chosen"], "n": result["n"],
+                                                "snapshot": result.get("snapshot")}, indent=2))
+    return 0
+
+
+def _snapshot_root(path: str):
+    from memoir_vllm.snapshot import resolve_version
+
+    return resolve_version(path).parent
+
+
+def add_calibrate(sub) -> None:
+    p = sub.add_parser("calibrate", help="pick tau from overlap distributions on data outside the eval stream",
+                       description="Routing only (no training): best overlaps of paraphrases (ZsRE records >= 1000, "
+                       "temporal-train) and unrelated prompts against the calibration edits' masks; tau = the "
+                       "(1 - max_false) quantile of unrelated best overlaps + 1/k. Prints JSON.")
+    p.add_argument("--model", default="default", help="'default' or a local HF model directory")
+    p.add_argument("--snapshot", help="calibrate this snapshot's setting (its model, layer, k, feature)")
+    p.add_argument("--write", action="store_true", help="with --snapshot: save a new version with the chosen tau")
+    p.add_argument("--max-false", type=float, default=0.01, help="largest fraction of unrelated prompts routed")
+    p.add_argument("--sweep-layers", help="comma-separated layers to compare, e.g. 20,23,25,27")
+    p.add_argument("--sweep-k", help="comma-separated k values to compare, e.g. 220,439,768")
+    p.add_argument("--sweep-features", help="comma-separated features: mean_decentered,mean,last,zscore")
+    p.add_argument("--max-per-source", type=int, help="at most N records from each calibration file")
+    p.add_argument("--out", help="write the full JSON here")
+    p.add_argument("--full", action="store_true", help="print the sweep too")
+    p.add_argument("--threads", type=int)
+    _core()._add_settings(p)
+    p.set_defaults(func=cmd_calibrate)
+
+
+# -- retention -------------------------------------------------------------------------------------
+
+
+def cmd_retention(args: argparse.Namespace) -> int:
+    from memoir_vllm.session import Memoir
+
+    from .report import write_json
+    from .retention import retention
+
+    _core()._threads(args.threads)
+    m = Memoir.from_snapshot(args.snapshot, model=args.model)
+    result = retention(m, limit=args.limit, batch_size=args.batch_size)
+    if args.out:
+        write_json(args.out, result)
+    print(json.dumps(result, indent=2))
+    return 0
+
+
+def add_retention(sub) -> None:
+    p = sub.add_parser("retention", help="offline capability retention: NQ accuracy and unrelated-text PPL, memory on vs off")
+    p.add_argument("--snapshot", required=True, help="snapshot store or version")
+    p.add_argument("--model", help="model directory (default: the snapshot's)")
+    p.add_argument("--limit", type=int, help="first N items of each set")
+    p.add_argument("--batch-size", type=int, default=16)
+    p.add_argument("--out", help="write the JSON here")
+    p.add_argument("--threads", type=int)
+    p.set_defaults(func=cmd_retention)
+
+
+EVAL_SUBCOMMANDS += [add_calibrate, add_retention]

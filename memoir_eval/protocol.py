@@ -1,0 +1,233 @@
+"""The sequential-editing evaluation protocol (memoir-method.md section 5).
+
+    pre  = outputs of the unedited model for every record (before any edit)
+    for T in Ts:
+        cut the first min(1000, N) records into chunks of T (T=1000: one run)
+        for each chunk (the first --chunks of them): fresh memory, edit its T records one after
+            another, then evaluate ALL T: reliability, generalization, locality (vs pre), generative EM
+        metrics = mean over chunks of each chunk's mean
+
+A fresh memory costs nothing: the model, the background mean and the context templates are built
+once (`Evaluator`) and only the ResidualMemory is new per chunk.
+"""
+from __future__ import annotations
+
+import logging
+import math
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from tqdm.auto import tqdm
+
+from memoir_vllm.memory import ResidualMemory
+from memoir_vllm.session import Memoir
+
+from .data import EvalRecord
+from .metrics import exact_match, locality, mean_stderr
+from .scoring import generate_rows, score_rows, target_lengths
+
+log = logging.getLogger(__name__)
+
+STREAM = 1000  # the standard lifelong-editing stream: the first 1000 records
+GEN_EXTRA_TOKENS = 2  # greedy answers get the target's token count plus this many
+
+
+@dataclass
+class PreEdit:
+    """Outputs of the unedited model, computed before any edit, for records by position."""
+
+    loc_pred: dict[int, list[int]] = field(default_factory=dict)  # argmax tokens on the loc answer
+    loc_text: dict[int, str] = field(default_factory=dict)  # greedy continuation of the loc prompt
+    rel: dict[int, float] = field(default_factory=dict)  # token accuracy of the target without memory
+    gen: dict[int, float] = field(default_factory=dict)
+    rel_ppl: dict[int, float] = field(default_factory=dict)
+    rel_em: dict[int, float] = field(default_factory=dict)
+
+
+class Evaluator:
+    """A model with its background mean and templates, handing out fresh memories.
+
+    Args:
+        model: 'default' or a local HF model directory.
+        settings: MemoirConfig overrides (layer, k, tau, lr, n_iter, ...).
+        background: unrelated texts for the background mean (default: the packaged ones).
+        batch_size: rows per scoring forward.
+        generative: also compute greedy-decoding metrics.
+    """
+
+    def __init__(self, model: str | Path = "default", settings: dict[str, Any] | None = None,
+                 background: list[str] | None = None, batch_size: int = 16, generative: bool = True,
+                 base: Memoir | None = None) -> None:
+        self.base = base or Memoir.create(model, background=background, **(settings or {}))
+        self.batch_size, self.generative = batch_size, generative
+
+    @property
+    def cfg(self):
+        return self.base.cfg
+
+    def fresh(self) -> Memoir:
+        """An empty memory on the shared model, with the same background mean, permutation and templates."""
+        b, old = self.base, self.base.memory
+        mem = ResidualMemory(old.d_model, old.d_inner, old.k, old.tau, old.seed, old.feature, old.n_shards,
+                             old.weight.dtype)
+        mem.background.copy_(old.background)
+        return Memoir(b.model, b.tok, mem, b.cfg, b.editor.templates, [], b.model_ref)
+
+    # -- pre-edit -------------------------------------------------------------------------------
+
+    def pre_edit(self, records: list[EvalRecord], positions: list[int], ppl: bool = False) -> PreEdit:
+        """Unedited outputs for records[i], i in positions (memory off)."""
+        m, pre = self.base, PreEdit()
+        recs = [records[i] for i in positions]
+        sc = score_rows(m, [r.prompt for r in recs], [r.target for r in recs], use_memory=False, want_ppl=ppl,
+                        batch_size=self.batch_size)
+        for j, i in enumerate(positions):
+            pre.rel[i] = sc.acc[j]
+            if ppl:
+                pre.rel_ppl[i] = sc.ppl[j]
+        para = [i for i in positions if records[i].rephrase]
+        if para:
+            sc = score_rows(m, [records[i].rephrase for i in para], [records[i].target for i in para],
+                            use_memory=False, batch_size=self.batch_size)
+            pre.gen.update(zip(para, sc.acc))
+        loc = [i for i in positions if records[i].has_loc]
+        if loc:
+            sc = score_rows(m, [records[i].loc_prompt for i in loc], [records[i].loc_answer for i in loc],
+                            use_memory=False, batch_size=self.batch_size)
+            pre.loc_pred.update(zip(loc, sc.pred))
+            if self.generative:
+                lp = [records[i].loc_prompt for i in loc]
+                n = target_lengths(m.tok, lp, [records[i].loc_answer for i in loc])
+                # one prompt per forward: padding changes float sums, and greedy text must match bit for bit
+                texts, _ = generate_rows(m, lp, [min(x, 32) for x in n], use_memory=False, batch_size=1)
+                pre.loc_text.update(zip(loc, texts))
+        if self.generative:
+            n = target_lengths(m.tok, [r.prompt for r in recs], [r.target for r in recs])
+            texts, _ = generate_rows(m, [r.prompt for r in recs], [x + GEN_EXTRA_TOKENS for x in n], use_memory=False,
+                                     batch_size=self.batch_size)
+            pre.rel_em.update({i: exact_match(t, records[i].target) for i, t in zip(positions, texts)})
+        return pre
+
+    # -- one chunk ------------------------------------------------------------------------------
+
+    def evaluate(self, m: Memoir, records: list[EvalRecord], positions: list[int], pre: PreEdit,
+                 ppl: bool = False) -> list[dict[str, Any]]:
+        """Evaluate the T edits records[positions] written (in that order) into m; one dict per edit.
+
+        Index row j of m's memory is the edit of positions[j] (a fresh memory per chunk).
+        """
+        recs = [records[i] for i in positions]
+        bs = self.batch_size
+        out: list[dict[str, Any]] = [dict(record=i) for i in positions]
+        rel = score_rows(m, [r.prompt for r in recs], [r.target for r in recs], want_ppl=ppl, batch_size=bs)
+        for j, d in enumerate(out):
+            d.update(rel=rel.acc[j], edit_overlap=rel.ratio[j], edit_routed_right=rel.row[j] == j,
+                     pre_rel=pre.rel.get(positions[j]))
+            if ppl:
+                d.update(rel_ppl=rel.ppl[j], pre_rel_ppl=pre.rel_ppl.get(positions[j]))
+        para = [j for j, r in enumerate(recs) if r.rephrase]
+        if para:
+            sc = score_rows(m, [recs[j].rephrase for j in para], [recs[j].target for j in para], batch_size=bs)
+            for n, j in enumerate(para):
+                out[j].update(gen=sc.acc[n], para_overlap=sc.ratio[n], para_routed_right=sc.row[n] == j,
+                              para_best_is_own=sc.best[n] == j, pre_gen=pre.gen.get(positions[j]))
+        loc = [j for j, r in enumerate(recs) if r.has_loc]
+        if loc:
+            sc = score_rows(m, [recs[j].loc_prompt for j in loc], [recs[j].loc_answer for j in loc], batch_size=bs)
+            for n, j in enumerate(loc):
+                out[j].update(loc=locality(sc.pred[n], pre.loc_pred[positions[j]]), loc_overlap=sc.ratio[n],
+                              loc_routed=sc.row[n] >= 0)
+        if self.generative:
+            self._generative(m, recs, positions, pre, out, para, loc)
+        return out
+
+    def _generative(self, m: Memoir, recs: list[EvalRecord], positions: list[int], pre: PreEdit,
+                    out: list[dict[str, Any]], para: list[int], loc: list[int]) -> None:
+        """Greedy-decoding metrics: normalised EM of the target after the prompt and the paraphrase,
+        and whether the loc prompt's continuation is unchanged from the unedited model's."""
+        bs = self.batch_size
+        n = target_lengths(m.tok, [r.prompt for r in recs], [r.target for r in recs])
+        texts, _ = generate_rows(m, [r.prompt for r in recs], [x + GEN_EXTRA_TOKENS for x in n], batch_size=bs)
+        for j, t in enumerate(texts):
+            out[j].update(rel_em=exact_match(t, recs[j].target), pre_rel_em=pre.rel_em.get(positions[j]), rel_text=t)
+        if para:
+            texts, _ = generate_rows(m, [recs[j].rephrase for j in para], [n[j] + GEN_EXTRA_TOKENS for j in para],
+                                     batch_size=bs)
+            for j, t in zip(para, texts):
+                out[j].update(gen_em=exact_match(t, recs[j].target), gen_text=t)
+        if loc:
+            lp = [recs[j].loc_prompt for j in loc]
+            nl = target_lengths(m.tok, lp, [recs[j].loc_answer for j in loc])
+            texts, _ = generate_rows(m, lp, [min(x, 32) for x in nl], batch_size=1)  # as pre_edit
+            for j, t in zip(loc, texts):
+                out[j].update(loc_em=float(t == pre.loc_text[positions[j]]))
+
+    def run_chunk(self, records: list[EvalRecord], positions: list[int], pre: PreEdit, ppl: bool = False,
+                  progress: bool = True) -> tuple[list[dict[str, Any]], dict[str, float]]:
+        """Fresh memory, T sequential edits, then evaluate all T. Returns per-edit rows and timings."""
+        m = self.fresh()
+        t0 = time.perf_counter()
+        results = m.edit_many([records[i].edit_request() for i in positions], progress=progress)
+        t1 = time.perf_counter()
+        rows = self.evaluate(m, records, positions, pre, ppl=ppl)
+        for d, res in zip(rows, results):
+            d.update(steps=res.steps, final_loss=res.losses[-1] if res.losses else math.nan)
+        return rows, dict(edit_s=t1 - t0, eval_s=time.perf_counter() - t1)
+
+
+# -- aggregation ----------------------------------------------------------------------------------
+
+METRICS = ("rel", "gen", "loc", "rel_ppl", "rel_em", "gen_em", "loc_em", "pre_rel", "pre_gen", "pre_rel_ppl",
+           "pre_rel_em", "edit_routed_right", "para_routed_right", "para_best_is_own", "loc_routed")
+
+
+def summarize(chunks: list[list[dict[str, Any]]]) -> dict[str, Any]:
+    """Per metric: mean over chunks of chunk means (the paper's averaging) and the stderr over edits."""
+    out: dict[str, Any] = {}
+    for key in METRICS:
+        per_chunk, flat = [], []
+        for rows in chunks:
+            vals = [float(r[key]) for r in rows if r.get(key) is not None]
+            if vals:
+                per_chunk.append(sum(vals) / len(vals))
+                flat += vals
+        if flat:
+            _, se = mean_stderr(flat)
+            out[key] = dict(mean=sum(per_chunk) / len(per_chunk), stderr=se, n=len(flat))
+    return out
+
+
+def chunk_positions(n_records: int, T: int, max_chunks: int | None) -> tuple[list[list[int]], int]:
+    """Chunks of T consecutive positions over the first min(STREAM, n) records (T >= n: one chunk of all).
+
+    Returns (the chunks to run, the number of chunks the full protocol has).
+    """
+    n = min(STREAM, n_records) if T <= STREAM else n_records
+    if T >= n:
+        return [list(range(n))], 1
+    total = n // T
+    chunks = [list(range(c * T, (c + 1) * T)) for c in range(total)]
+    return chunks[: max_chunks or total], total
+
+
+def evaluate_snapshot(snapshot: str, records: list[EvalRecord], model: str | None = None, ppl: bool = False,
+                      generative: bool = False, batch_size: int = 16, tau: float | None = None) -> tuple[list[dict[str, Any]], dict[str, Any]]:
+    """Evaluate a snapshot whose edits are records[0..n-1] in order (as `memoir edit` writes them).
+
+    The unedited outputs come from the same model with the memory off. Returns per-edit rows and
+    the summary (same metrics as the protocol, one chunk).
+    """
+    m = Memoir.from_snapshot(snapshot, model=model)
+    if tau is not None:
+        m.set_tau(tau)
+    n = m.memory.n_edits
+    if n == 0 or n > len(records):
+        raise ValueError(f"the snapshot holds {n} edits but {len(records)} records were given: give the records "
+                         "the snapshot was edited with, in order")
+    ev = Evaluator(base=m, batch_size=batch_size, generative=generative)
+    positions = list(range(n))
+    pre = ev.pre_edit(records, positions, ppl=ppl)
+    rows = ev.evaluate(m, records, positions, pre, ppl=ppl)
+    return rows, summarize([rows])

@@ -1,0 +1,103 @@
+"""Writing evaluation results: results.json (atomic), a markdown table, and plots (matplotlib Agg)."""
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from pathlib import Path
+from typing import Any
+
+# (column, metric key, better) in table order
+COLUMNS = (
+    ("Rel", "rel"), ("Gen", "gen"), ("Loc", "loc"), ("PPL", "rel_ppl"),
+    ("Rel EM", "rel_em"), ("Gen EM", "gen_em"), ("Loc EM", "loc_em"),
+    ("para→own", "para_routed_right"), ("loc routed", "loc_routed"),
+    ("pre Rel", "pre_rel"), ("pre PPL", "pre_rel_ppl"), ("pre Rel EM", "pre_rel_em"),
+)
+
+
+def write_json(path: str | Path, obj: Any) -> None:
+    """Write JSON atomically: a temporary file in the same folder, fsynced, then os.replace."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            json.dump(obj, f, indent=2, default=str)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def write_text(path: str | Path, text: str) -> None:
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(text, encoding="utf-8")
+    os.replace(tmp, path)
+
+
+def markdown_table(results: dict[str, Any]) -> str:
+    """One row per T: chunks run / total, the teacher-forced and generative metrics, edit time."""
+    runs = results["runs"]
+    cols = [(name, key) for name, key in COLUMNS if any(key in r["metrics"] for r in runs.values())]
+    head = "| T | chunks | " + " | ".join(c for c, _ in cols) + " | s/edit |"
+    lines = [f"{results['data']} on {results['model']} (layer {results['config']['layer']}, k {results['config']['k']}, "
+             f"tau {results['config']['tau']}, lr {results['config']['lr']})", "", head,
+             "|" + "---|" * (len(cols) + 3)]
+    for T, r in runs.items():
+        cells = []
+        for _, key in cols:
+            m = r["metrics"].get(key)
+            cells.append("" if m is None else f"{m['mean']:.3f}" if key.endswith("ppl") else f"{m['mean']:.3f}")
+        per_edit = r["edit_s"] / max(1, r["n_edits"])
+        lines.append(f"| {T} | {r['chunks_run']}/{r['chunks_total']} | " + " | ".join(cells) + f" | {per_edit:.2f} |")
+    lines += ["", "Rel/Gen: teacher-forced token accuracy; Loc: agreement with the unedited model's argmax; "
+              "EM: normalised exact match of greedy answers (Loc EM: continuation unchanged); para→own: "
+              "paraphrases routed to their own edit; pre: the unedited model."]
+    return "\n".join(lines) + "\n"
+
+
+def plot(results: dict[str, Any], overlaps: dict[str, dict[str, list[float]]], out: Path) -> list[Path]:
+    """metrics_vs_T.png and one routing-overlap histogram per T (edit, paraphrase, unrelated prompts)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    files = []
+    runs = results["runs"]
+    Ts = [int(t) for t in runs]
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for name, key in (("Rel", "rel"), ("Gen", "gen"), ("Loc", "loc"), ("Rel EM", "rel_em"), ("Gen EM", "gen_em")):
+        ys = [runs[str(t)]["metrics"].get(key, {}).get("mean") for t in Ts]
+        if any(y is not None for y in ys):
+            ax.plot(Ts, [float("nan") if y is None else y for y in ys], marker="o", label=name)
+    ax.set_xscale("log")
+    ax.set_xlabel("T (sequential edits)")
+    ax.set_ylabel("score")
+    ax.set_ylim(0, 1.05)
+    ax.legend()
+    ax.set_title(f"{results['data']}: metrics vs T")
+    fig.tight_layout()
+    files.append(out / "metrics_vs_T.png")
+    fig.savefig(files[-1], dpi=100)
+    plt.close(fig)
+    tau = results["config"]["tau"]
+    for T, ov in overlaps.items():
+        fig, ax = plt.subplots(figsize=(6, 4))
+        for name, vals in ov.items():
+            if vals:
+                ax.hist(vals, bins=40, range=(0, 1), alpha=0.5, label=f"{name} (n={len(vals)})")
+        ax.axvline(tau, color="k", linestyle="--", label=f"tau={tau}")
+        ax.set_xlabel("best overlap |M_q ∧ M_i| / k")
+        ax.set_ylabel("prompts")
+        ax.set_title(f"{results['data']}, T={T}: routing overlaps")
+        ax.legend()
+        fig.tight_layout()
+        files.append(out / f"overlap_T{T}.png")
+        fig.savefig(files[-1], dpi=100)
+        plt.close(fig)
+    return files

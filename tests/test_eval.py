@@ -1,0 +1,175 @@
+"""memoir_eval: metric functions on hand-computed cases, loaders on the real files, the protocol end to
+end on a few records, and the lm-eval pack offline against `memoir eval` on the same snapshot."""
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+import torch
+
+from memoir_eval.calibrate import best_overlaps, pick_tau
+from memoir_eval.metrics import exact_match, locality, mean_stderr, normalize_answer, perplexity, token_accuracy
+from memoir_eval.protocol import chunk_positions, summarize
+
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+
+# -- pure functions ------------------------------------------------------------------------------
+
+
+def test_token_metrics_hand_computed():
+    assert token_accuracy([1, 2, 3, 4], [1, 2, 0, 4]) == 0.75
+    assert locality([5, 6], [5, 7]) == 0.5  # against the PRE-edit argmax, not the gold answer
+    with pytest.raises(ValueError, match="equal, non-empty"):
+        token_accuracy([1], [1, 2])
+    assert perplexity([math.log(2), math.log(8)]) == pytest.approx(4.0)  # exp(mean NLL) = exp(log 4)
+    m, se = mean_stderr([1.0, 0.0, 1.0, 0.0])
+    assert m == 0.5 and se == pytest.approx(math.sqrt((4 * 0.25 / 3) / 4))
+
+
+def test_exact_match_normalised():
+    assert normalize_answer("The  Eiffel-Tower!") == "eiffeltower"
+    assert exact_match(" the Paris Saint-Germain club\nmore", "Paris Saint-Germain") == 1.0
+    assert exact_match(" Paris, France", "Paris France") == 1.0
+    assert exact_match(" Lyon", "Paris") == 0.0
+    assert exact_match("Paris", "Paris Saint") == 0.0  # too short
+
+
+def test_chunks_and_summary():
+    chunks, total = chunk_positions(1037, 100, None)
+    assert total == 10 and chunks[0] == list(range(100)) and chunks[-1][-1] == 999
+    chunks, total = chunk_positions(1037, 10, 2)
+    assert (len(chunks), total) == (2, 100)
+    assert chunk_positions(1037, 1000, None) == ([list(range(1000))], 1)
+    assert chunk_positions(600, 600, None)[1] == 1
+    s = summarize([[dict(rel=1.0), dict(rel=0.0)], [dict(rel=1.0)]])
+    assert s["rel"]["mean"] == pytest.approx(0.75)  # mean of chunk means (0.5, 1.0)
+    assert s["rel"]["n"] == 3
+
+
+def test_tau_choice_and_overlaps():
+    stored = torch.tensor([[1, 1, 0, 0], [0, 0, 1, 1]], dtype=torch.bool)
+    q = torch.tensor([[1, 0, 1, 0], [1, 1, 0, 0]], dtype=torch.bool)
+    ratio, row = best_overlaps(q, stored, k=2)
+    assert ratio.tolist() == [0.5, 1.0] and row.tolist() == [0, 0]
+    tau = pick_tau(torch.tensor([0.3, 0.4, 0.42]), k=100, max_false=0.0)
+    assert tau == pytest.approx(0.43)
+
+
+# -- data -----------------------------------------------------------------------------------------
+
+
+def test_loaders_on_benchmark_files(zsre_path):
+    from memoir_eval.data import load_records
+
+    z = load_records("zsre", limit=2)
+    assert z[0].prompt and z[0].target and z[0].rephrase and z[0].loc_prompt.startswith("nq question:")
+    h = load_records("hallucination")
+    assert len(h) == 600 and h[0].rephrase is None
+    assert sum(not r.has_loc for r in h) == 7  # empty locality_ground_truth: no locality item
+    t = load_records("temporal", limit=3)
+    assert all(r.rephrase for r in t)  # ood_rephrase
+    assert len(load_records("zsre", offset=1000)) == 37
+
+
+# -- end to end on the embedded model --------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def evaluator(default_model_dir, zsre_path):
+    from memoir_eval.protocol import Evaluator
+
+    return Evaluator("default", settings=dict(n_iter=3), batch_size=8)
+
+
+@pytest.mark.model
+def test_protocol_end_to_end(evaluator, tmp_path):
+    from memoir_eval.runner import run_eval
+
+    res = run_eval("default", "zsre", [1, 2], tmp_path, limit=2, evaluator=evaluator, progress=False)
+    assert res["runs"]["1"]["chunks_run"] == 2 and res["runs"]["2"]["chunks_total"] == 1
+    for T in ("1", "2"):
+        m = res["runs"][T]["metrics"]
+        for key in ("rel", "gen", "loc", "rel_em", "gen_em", "loc_em", "pre_rel"):
+            assert 0.0 <= m[key]["mean"] <= 1.0, key
+        assert m["edit_routed_right"]["mean"] == 1.0  # an edit prompt routes to its own mask
+        assert m["rel"]["mean"] > m["pre_rel"]["mean"]  # the edits were written
+    rows = [json.loads(x) for x in (tmp_path / "records_T2.jsonl").read_text().splitlines()]
+    assert [r["record"] for r in rows] == [0, 1]
+    for name in ("results.json", "results.md", "metrics_vs_T.png", "overlap_T1.png", "overlap_T2.png"):
+        assert (tmp_path / name).stat().st_size > 0
+
+
+@pytest.mark.model
+def test_lm_eval_pack_agrees_with_memoir_eval(evaluator, tmp_path, monkeypatch):
+    """The pack's rel/gen/loc equal `memoir eval`'s on the same snapshot and records (within 0.01),
+    with tau 0 so that every prompt, unrelated ones too, is routed and locality is not trivially 1."""
+    import lm_eval
+    from lm_eval.tasks import TaskManager
+
+    from memoir_eval.data import load_records
+    from memoir_eval.lm_eval_entry import TASKS_DIR, register
+    from memoir_eval.protocol import evaluate_snapshot
+
+    monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    records = load_records("zsre", limit=2)
+    m = evaluator.fresh()
+    for r in records:
+        m.edit(r.prompt, r.target)
+    snap = m.save(tmp_path / "snap")
+    _, native = evaluate_snapshot(str(snap), records, tau=0.0)
+    register()
+    tm = TaskManager(include_path=str(TASKS_DIR))
+    out = lm_eval.simple_evaluate(model="memoir", model_args=f"snapshot={snap},tau=0.0", tasks=["memoir_zsre"],
+                                  limit=2, task_manager=tm, batch_size=8)
+    pack = out["results"]
+    assert native["loc_routed"]["mean"] == 1.0
+    for task, key in (("memoir_zsre_rel", "rel"), ("memoir_zsre_gen", "gen"), ("memoir_zsre_loc", "loc")):
+        assert pack[task][f"{key},none"] == pytest.approx(native[key]["mean"], abs=0.01), task
+
+
+def test_pack_validates_offline(monkeypatch):
+    """What `lm-eval validate` checks in 0.4.13: every task and group of the pack resolves."""
+    from lm_eval.tasks import TaskManager
+
+    monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
+    tm = TaskManager(include_path=str(REPO / "tasks"))
+    names = ["memoir_zsre", "memoir_hallucination", "memoir_temporal", "memoir_retention", "memoir_zsre_loc",
+             "memoir_hallucination_ppl", "memoir_temporal_gen"]
+    assert set(tm.match_tasks(names)) == set(names)
+
+
+def test_lm_eval_argv_defaults():
+    from memoir_eval.lm_eval_entry import TASKS_DIR, lm_eval_argv
+
+    argv = lm_eval_argv(["--model_args", "snapshot=S", "--tasks", "memoir_zsre"])
+    assert argv[0] == "run" and argv[argv.index("--model") + 1] == "memoir"
+    assert argv[argv.index("--include_path") + 1] == str(TASKS_DIR)
+    argv = lm_eval_argv(["validate", "--tasks", "memoir_zsre", "--include_path", "x"])
+    assert argv[-1] == f"x:{TASKS_DIR}" and "--model" not in argv
+
+
+def test_retention_paired_delta():
+    from memoir_eval.retention import _paired
+
+    r = _paired([1.0, 0.0, 1.0], [1.0, 0.0, 1.0])
+    assert r["delta"] == 0.0 and r["within_stderr"] and r["n"] == 3
+    r = _paired([2.0, 3.0], [1.0, 1.0])
+    assert r["delta"] == pytest.approx(1.5) and r["delta_stderr"] == pytest.approx(0.5) and not r["within_stderr"]
+
+
+def test_eval_subcommands_registered():
+    from memoir_vllm.cli import build_parser
+
+    p = build_parser()
+    a = p.parse_args(["eval", "--data", "zsre", "--T", "1,10", "--chunks", "2", "--out", "x", "--tau", "0.6"])
+    assert a.T == [1, 10] and a.chunks == 2 and a.tau == 0.6
+    a = p.parse_args(["calibrate", "--sweep-layers", "20,25", "--max-per-source", "5"])
+    assert a.sweep_layers == "20,25" and a.max_per_source == 5
+    a = p.parse_args(["lm-eval", "--model_args", "snapshot=S", "--tasks", "memoir_zsre"])
+    assert a.lm_eval_args == ["--model_args", "snapshot=S", "--tasks", "memoir_zsre"]
+    with pytest.raises(SystemExit):
+        p.parse_args(["eval", "--data", "zsre", "--T", "0", "--out", "x"])
