@@ -42,18 +42,38 @@ class RayJobError(RuntimeError):
 
 
 def _probe(address: str, timeout: float) -> None:
-    """Fail fast when host:port of a cluster address does not accept TCP connections."""
+    """Fail fast unless a Ray GCS answers at host:port within `timeout` seconds.
+
+    A bare TCP connect is not enough (proxies accept connections they never serve), so this makes
+    one real GCS call (GetClusterId); an authentication refusal still proves a Ray cluster is there.
+    ray:// client addresses are only checked for a TCP connection.
+    """
     hostport = address.removeprefix("ray://")
     host, _, port = hostport.rpartition(":")
     if not host or not port.isdigit():
         raise RayJobError(f"--address {address!r} is not host:port (or ray://host:port, or 'auto')")
-    try:
-        with socket.create_connection((host, int(port)), timeout=timeout):
-            pass
-    except OSError as e:
-        why = "timed out" if isinstance(e, (TimeoutError, socket.timeout)) else (e.strerror or str(e))
-        raise RayJobError(f"cannot reach the Ray cluster at {address} ({why} after at most {timeout:g} s): start one "
-                          "with `ray start --head` and pass its address, or leave out --address for a local cluster") from None
+    why = None
+    if address.startswith("ray://"):
+        try:
+            socket.create_connection((host, int(port)), timeout=timeout).close()
+        except OSError as e:
+            why = "timed out" if isinstance(e, (TimeoutError, socket.timeout)) else (e.strerror or str(e))
+    else:
+        import grpc
+        from ray.core.generated import gcs_service_pb2, gcs_service_pb2_grpc
+
+        with grpc.insecure_channel(hostport) as channel:
+            try:
+                stub = gcs_service_pb2_grpc.NodeInfoGcsServiceStub(channel)
+                stub.GetClusterId(gcs_service_pb2.GetClusterIdRequest(), timeout=timeout)
+            except grpc.RpcError as e:
+                if e.code() != grpc.StatusCode.UNAUTHENTICATED:
+                    why = {grpc.StatusCode.DEADLINE_EXCEEDED: "timed out",
+                           grpc.StatusCode.UNIMPLEMENTED: "something answers there, but not a Ray GCS"}.get(
+                        e.code(), (e.details() or str(e.code())).split(";")[0])
+    if why:
+        raise RayJobError(f"cannot reach the Ray cluster at {address} ({why}; waited at most {timeout:g} s): start "
+                          "one with `ray start --head` and pass its address, or leave out --address for a local cluster")
 
 
 def _source_root() -> str | None:
@@ -69,7 +89,11 @@ def connect(address: str | None, num_cpus: int, timeout: float = 10.0) -> bool:
     """
     import ray
 
+    if address not in (None, "auto", "local"):
+        _probe(address, timeout)
     if ray.is_initialized():
+        if address is not None:
+            log.warning("Ray is already initialised in this process; using it instead of --address %s", address)
         return False
     env = {}
     src = _source_root()
@@ -80,8 +104,6 @@ def connect(address: str | None, num_cpus: int, timeout: float = 10.0) -> bool:
     if address is None:
         ray.init(num_cpus=num_cpus, **kw)
     else:
-        if address not in ("auto", "local"):
-            _probe(address, timeout)
         try:
             ray.init(address=address, **kw)
         except (ConnectionError, TimeoutError, RuntimeError) as e:
@@ -211,14 +233,15 @@ def run_ray_job(
     spec = {"n_shards": n_shards, "sharding": SHARDING, "edits": str(Path(edits).resolve()),
             "edits_sha256": sha256_file(Path(edits).expanduser()), "n_edits": len(requests), "model": model,
             "every": every}
+    if address not in (None, "auto", "local"):
+        _probe(address, connect_timeout)  # before anything is written
     _check_out(out, resume, n_shards, spec)
 
     import ray
     from ray.exceptions import RayActorError, RayTaskError
 
     started = connect(address, num_cpus=max(workers, os.cpu_count() or 1), timeout=connect_timeout)
-    if read_job_spec(out) is None:
-        write_job_spec(out, spec)
+    write_job_spec(out, spec)
     Actor = ray.remote(RemoteStream)
     streams = [_Stream(s, stream_items(requests, n_shards, s)) for s in range(n_shards)]
     pending = list(streams)  # streams not yet given an actor
