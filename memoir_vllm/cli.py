@@ -109,7 +109,8 @@ def add_edit(sub) -> None:
     g.add_argument("--address", help="existing Ray cluster (host:port, ray://host:port or auto); default: start a "
                    "local cluster")
     g.add_argument("--workers", type=int, help="actors running at once (default 2)")
-    g.add_argument("--shards", type=int, help="shard memories S (default: --workers); edit i goes to shard i mod S")
+    g.add_argument("--shards", type=int, help="shard memories S (default: --workers, or the resumed job's); edit i goes to "
+                   "shard i mod S")
     _add_settings(p)
     p.set_defaults(func=cmd_edit)
 

@@ -102,6 +102,9 @@ def connect(address: str | None, num_cpus: int, timeout: float = 10.0) -> bool:
     kw: dict[str, Any] = dict(include_dashboard=False, logging_level=logging.WARNING, log_to_driver=True,
                               runtime_env={"env_vars": env} if env else None)
     if address is None:
+        # Ray starts workers at niceness 15; an edit job's workers are the job, so keep them at the
+        # driver's priority on a local cluster (set RAY_worker_niceness to choose otherwise)
+        os.environ.setdefault("RAY_worker_niceness", "0")
         ray.init(num_cpus=num_cpus, **kw)
     else:
         try:
@@ -208,7 +211,7 @@ def run_ray_job(
         out: job directory (merged snapshot store + streams/); must be reachable from every node.
         model: 'default' or a local HF model directory (the same path on every node).
         workers: actors running at once (one stream each, `threads` torch threads each).
-        shards: number of streams S (default: workers); edit i goes to shard i mod S.
+        shards: number of streams S (default: the resumed job's, else workers); edit i goes to shard i mod S.
         every: each stream writes a snapshot version every `every` of its edits.
         resume: continue the job at `out` from each stream's newest snapshot.
         address: an existing cluster ('host:port', 'ray://host:port' or 'auto'); None starts a local one.
@@ -222,7 +225,8 @@ def run_ray_job(
     for name, value in (("workers", workers), ("every", every), ("chunk", chunk), ("threads", threads)):
         if value < 1:
             raise ValueError(f"--{name.replace('_', '-')} {value}: give a positive number")
-    n_shards = shards or workers
+    old_spec = read_job_spec(out) if resume else None
+    n_shards = shards or (int(old_spec["n_shards"]) if old_spec else workers)  # a resumed job keeps its shards
     if n_shards < 1:
         raise ValueError(f"--shards {n_shards}: give a positive number of shards")
     if workers > n_shards:
@@ -380,3 +384,37 @@ def run_ray_job(
 class _Pair:
     prompt: str
     target: str
+
+
+# -- masks and routing in parallel ------------------------------------------------------------------
+
+
+def compute_masks(
+    snapshot: str | Path, prompts: list[str], workers: int = 2, batch_size: int = 32, model: str | None = None,
+    address: str | None = None, threads: int = 1, connect_timeout: float = 10.0,
+) -> dict[str, list]:
+    """TopHash masks and routing of many prompts against a snapshot, on `workers` Ray actors (MaskWorker).
+
+    Masks depend only on the frozen model, so batches run in any order on any worker; results come
+    back in prompt order: {"prompt", "mask", "edit_id", "shard", "ratio"} lists.
+    """
+    import ray
+    from ray.util import ActorPool
+
+    from .mask_worker import MaskWorker
+
+    if workers < 1 or batch_size < 1:
+        raise ValueError(f"workers={workers}, batch_size={batch_size}: give positive numbers")
+    started = connect(address, num_cpus=max(workers, os.cpu_count() or 1), timeout=connect_timeout)
+    try:
+        Actor = ray.remote(MaskWorker).options(num_cpus=threads)
+        pool = ActorPool([Actor.remote(str(Path(snapshot).resolve()), model, threads) for _ in range(workers)])
+        batches = [{"prompt": prompts[s : s + batch_size]} for s in range(0, len(prompts), batch_size)]
+        out: dict[str, list] = {}
+        for part in pool.map(lambda a, b: a.__call__.remote(b), batches):  # ordered like batches
+            for key, values in part.items():
+                out.setdefault(key, []).extend(values)
+        return out
+    finally:
+        if started:
+            ray.shutdown()
