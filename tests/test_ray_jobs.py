@@ -130,6 +130,11 @@ def test_killed_worker_restarts_from_its_snapshot_and_equals_an_uninterrupted_ru
     assert [(e.prompt, e.target) for e in a.edits] == [(e.prompt, e.target) for e in b.edits]
     assert a.memory.weight.shape[0] == 2 and torch.equal(a.memory.weight, b.memory.weight)
     assert torch.equal(a.memory.index.packed, b.memory.index.packed)
+    # masks and routing of the edit prompts, computed in parallel against the merged snapshot
+    routed = compute_masks(tmp_path / "killed", [f"The secret code of vault {i} is" for i in range(16)], workers=1,
+                           batch_size=8)
+    assert routed["mask"] == [m.nonzero().flatten().tolist() for m in a.memory.index.masks(torch.arange(16))]
+    assert routed["ratio"] == [1.0] * 16
     # the merged shard s is exactly stream s's memory
     for s in range(2):
         stream = load_snapshot(stream_dir(tmp_path / "killed", s))
