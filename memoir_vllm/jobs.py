@@ -294,7 +294,9 @@ def run_ray_job(
         while pending and sum(1 for st in streams if st.actor is not None) < workers:
             launch(pending.pop(0))
         while running:
-            ready, _ = ray.wait(list(running), num_returns=1)
+            ready, _ = ray.wait(list(running), num_returns=1, timeout=1.0)  # a timeout keeps Ctrl-C responsive
+            if not ready:
+                continue
             ref = ready[0]
             st, kind, n = running.pop(ref)
             if ref not in st.inflight:

@@ -74,15 +74,22 @@ def test_mask_worker_gives_each_edit_prompt_its_stored_mask(tiny_model_dir, tmp_
     assert out["ratio"][:3] == [1.0, 1.0, 1.0] and out["edit_id"][0] == 0 and out["shard"][0] == 0
 
 
-def test_merge_refuses_streams_of_different_models(tiny_model_dir, tmp_path):
-    from transformers import LlamaConfig, LlamaForCausalLM, AutoTokenizer
+@pytest.fixture(scope="module")
+def other_tiny_dir(tiny_model_dir, tmp_path_factory):
+    """Another tiny random Llama (3 blocks): a different model for the mixing-models errors."""
+    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
 
-    other = tmp_path / "tiny-other"
+    other = tmp_path_factory.mktemp("other-tiny")
     cfg = LlamaConfig.from_pretrained(tiny_model_dir)
     cfg.num_hidden_layers = 3
     torch.manual_seed(1)
     LlamaForCausalLM(cfg).save_pretrained(other)
     AutoTokenizer.from_pretrained(tiny_model_dir).save_pretrained(other)
+    return other
+
+
+def test_merge_refuses_streams_of_different_models(tiny_model_dir, other_tiny_dir, tmp_path):
+    other = other_tiny_dir
     out = tmp_path / "job"
     write_job_spec(out, {"n_shards": 2})
     EditStream(stream_dir(out, 0), model=str(tiny_model_dir), settings={**TINY, "layer": 1}).finish()
@@ -142,7 +149,7 @@ def test_killed_worker_restarts_from_its_snapshot_and_equals_an_uninterrupted_ru
         assert stream.memory.index.edit_ids.tolist() == list(range(s, 16, 2))
 
 
-def test_cli_ray_job_resume_and_refusals(cluster, tiny_model_dir, default_model_dir, tmp_path, capsys):
+def test_cli_ray_job_resume_and_refusals(cluster, tiny_model_dir, other_tiny_dir, tmp_path, capsys):
     edits = write_edits(tmp_path / "v.jsonl", 6)
     out = tmp_path / "job"
     cmd = ["edit", "--ray", "--workers", "2", "--shards", "3", "--model", str(tiny_model_dir), "--edits", str(edits),
@@ -163,8 +170,8 @@ def test_cli_ray_job_resume_and_refusals(cluster, tiny_model_dir, default_model_
     assert read_manifest(out)["n_edits"] == 9 and read_manifest(out)["version"] == 2
     # resuming streams made with another model: refused by the workers, nothing written
     before = sorted(str(p) for p in out.rglob("*"))
-    with pytest.raises(SnapshotError, match=r"made for model 'tiny-llama.*not for 'SmolLM2"):
-        run_ray_job(more, out, model=str(default_model_dir), workers=1, shards=3, resume=True, progress=False)
+    with pytest.raises(SnapshotError, match=r"made for model 'tiny-llama.*not for 'other-tiny"):
+        run_ray_job(more, out, model=str(other_tiny_dir), workers=1, shards=3, resume=True, progress=False)
     assert sorted(str(p) for p in out.rglob("*")) == before
 
 
