@@ -245,7 +245,8 @@ def run_ray_job(
     from ray.exceptions import RayActorError, RayTaskError
 
     started = connect(address, num_cpus=max(workers, os.cpu_count() or 1), timeout=connect_timeout)
-    write_job_spec(out, spec)
+    if read_job_spec(out) is None:
+        write_job_spec(out, spec)  # a resumed job's spec is updated only once it has finished
     Actor = ray.remote(RemoteStream)
     streams = [_Stream(s, stream_items(requests, n_shards, s)) for s in range(n_shards)]
     pending = list(streams)  # streams not yet given an actor
@@ -352,6 +353,7 @@ def run_ray_job(
         seconds = t_end - t0
         bar.close()
         merged = merge_streams(out, n_shards, keep=keep)
+        write_job_spec(out, spec)
     except BaseException:
         bar.close()
         stop_all()

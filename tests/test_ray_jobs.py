@@ -169,10 +169,10 @@ def test_cli_ray_job_resume_and_refusals(cluster, tiny_model_dir, other_tiny_dir
     assert summary["resumed_after"] == 6 and summary["edits_this_run"] == 3
     assert read_manifest(out)["n_edits"] == 9 and read_manifest(out)["version"] == 2
     # resuming streams made with another model: refused by the workers, nothing written
-    before = sorted(str(p) for p in out.rglob("*"))
+    before = sorted((str(p), p.stat().st_mtime_ns) for p in out.rglob("*") if p.is_file())
     with pytest.raises(SnapshotError, match=r"made for model 'tiny-llama.*not for 'other-tiny"):
         run_ray_job(more, out, model=str(other_tiny_dir), workers=1, shards=3, resume=True, progress=False)
-    assert sorted(str(p) for p in out.rglob("*")) == before
+    assert sorted((str(p), p.stat().st_mtime_ns) for p in out.rglob("*") if p.is_file()) == before
 
 
 def test_bad_input_fails_fast_and_writes_nothing(cluster, tmp_path, capsys):
