@@ -150,28 +150,30 @@ def test_killed_worker_restarts_from_its_snapshot_and_equals_an_uninterrupted_ru
 
 
 def test_cli_ray_job_resume_and_refusals(cluster, tiny_model_dir, other_tiny_dir, tmp_path, capsys):
-    edits = write_edits(tmp_path / "v.jsonl", 6)
+    edits = write_edits(tmp_path / "v.jsonl", 4)
     out = tmp_path / "job"
-    cmd = ["edit", "--ray", "--workers", "2", "--shards", "3", "--model", str(tiny_model_dir), "--edits", str(edits),
+    # more shards than workers: the shards run one after another on one actor at a time
+    cmd = ["edit", "--ray", "--workers", "1", "--shards", "2", "--model", str(tiny_model_dir), "--edits", str(edits),
            "--out", str(out), "--checkpoint-every", "2", "--n-iter", "4"]
     assert main(cmd) == 0
     summary = json.loads(capsys.readouterr().out)
-    assert summary["per_shard"] == {"0": 2, "1": 2, "2": 2} and summary["edits_this_run"] == 6
+    assert summary["per_shard"] == {"0": 2, "1": 2} and summary["edits_this_run"] == 4
     info = read_manifest(out)
-    assert info["n_shards"] == 3 and info["n_edits"] == 6 and info["sharding"] == "round_robin"
+    assert info["n_shards"] == 2 and info["n_edits"] == 4 and info["sharding"] == "round_robin"
     assert main(cmd) == 2
     assert "pass --resume" in capsys.readouterr().err
-    assert main(cmd[:5] + ["2"] + cmd[6:] + ["--resume"]) == 2  # --shards 2 for a 3-shard job
-    assert "resume with --shards 3" in capsys.readouterr().err
-    more = write_edits(tmp_path / "more.jsonl", 9)
+    assert main(cmd[:5] + ["3"] + cmd[6:] + ["--resume"]) == 2  # --shards 3 for a 2-shard job
+    assert "resume with --shards 2" in capsys.readouterr().err
+    more = write_edits(tmp_path / "more.jsonl", 7)
     assert main([x if x != str(edits) else str(more) for x in cmd] + ["--resume"]) == 0  # 3 new edits
     summary = json.loads(capsys.readouterr().out)
-    assert summary["resumed_after"] == 6 and summary["edits_this_run"] == 3
-    assert read_manifest(out)["n_edits"] == 9 and read_manifest(out)["version"] == 2
+    assert summary["resumed_after"] == 4 and summary["edits_this_run"] == 3
+    assert summary["per_shard"] == {"0": 4, "1": 3}
+    assert read_manifest(out)["n_edits"] == 7 and read_manifest(out)["version"] == 2
     # resuming streams made with another model: refused by the workers, nothing written
     before = sorted((str(p), p.stat().st_mtime_ns) for p in out.rglob("*") if p.is_file())
     with pytest.raises(SnapshotError, match=r"made for model 'tiny-llama.*not for 'other-tiny"):
-        run_ray_job(more, out, model=str(other_tiny_dir), workers=1, shards=3, resume=True, progress=False)
+        run_ray_job(more, out, model=str(other_tiny_dir), workers=1, resume=True, progress=False)
     assert sorted((str(p), p.stat().st_mtime_ns) for p in out.rglob("*") if p.is_file()) == before
 
 
