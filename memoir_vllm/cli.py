@@ -63,12 +63,29 @@ def add_prepare_model(sub) -> None:
 
 
 def cmd_edit(args: argparse.Namespace) -> int:
+    if args.ray:
+        return cmd_edit_ray(args)
+    ray_only = [f for f in ("address", "workers", "shards") if getattr(args, f) is not None]
+    if ray_only:
+        raise ValueError(f"--{ray_only[0]} needs --ray")
     from .edit_job import run_edit_job
 
     _threads(args.threads)
     summary = run_edit_job(
         model=args.model, edits=args.edits, out=args.out, resume=args.resume, every=args.checkpoint_every,
         limit=args.limit, background=args.background, settings=_settings(args),
+    )
+    print(json.dumps(summary, indent=2))
+    return 0
+
+
+def cmd_edit_ray(args: argparse.Namespace) -> int:
+    from .jobs import run_ray_job
+
+    summary = run_ray_job(
+        edits=args.edits, out=args.out, model=args.model, workers=args.workers or 2, shards=args.shards,
+        every=args.checkpoint_every, resume=args.resume, address=args.address, limit=args.limit,
+        background=args.background, settings=_settings(args), threads=args.threads or 1,
     )
     print(json.dumps(summary, indent=2))
     return 0
@@ -86,7 +103,14 @@ def add_edit(sub) -> None:
     p.add_argument("--checkpoint-every", type=int, default=50, help="snapshot every N edits (default 50)")
     p.add_argument("--limit", type=int, help="edit only the first N records")
     p.add_argument("--background", help="text file of unrelated prompts (one per line) for the background mean")
-    p.add_argument("--threads", type=int, help="torch threads (default: all cores)")
+    p.add_argument("--threads", type=int, help="torch threads (default: all cores; with --ray: per worker, default 1)")
+    g = p.add_argument_group("distributed job on Ray (OUT must be a path every Ray node can reach)")
+    g.add_argument("--ray", action="store_true", help="run the edits as parallel shard streams on Ray actors")
+    g.add_argument("--address", help="existing Ray cluster (host:port, ray://host:port or auto); default: start a "
+                   "local cluster")
+    g.add_argument("--workers", type=int, help="actors running at once (default 2)")
+    g.add_argument("--shards", type=int, help="shard memories S (default: --workers, or the resumed job's); edit i goes to "
+                   "shard i mod S")
     _add_settings(p)
     p.set_defaults(func=cmd_edit)
 

@@ -103,8 +103,12 @@ class SequentialEditor:
         prompts = [prompt] + [f"{t} {prompt}" for t in self.templates]
         return encode_pairs(self.tok, prompts, [target] * len(prompts), self.max_length)
 
-    def edit(self, prompt: str, target: str, shard: int = 0) -> EditResult:
-        """Train W_m on one (prompt, target) under the prompt's TopHash mask, then store the mask."""
+    def edit(self, prompt: str, target: str, shard: int = 0, edit_id: int | None = None) -> EditResult:
+        """Train W_m on one (prompt, target) under the prompt's TopHash mask, then store the mask.
+
+        edit_id: the id stored with the mask (default: the next row number); Ray jobs pass the
+        edit's global position in its file so that shard memories merge into one numbering.
+        """
         if not target.strip():
             raise ValueError(f"empty target for prompt {prompt[:60]!r}: every edit needs a non-empty target")
         if not prompt.strip():
@@ -131,7 +135,7 @@ class SequentialEditor:
             opt.step()
             losses.append(loss.item())
         w.grad = None
-        result.edit_id = self.memory.add_edit(mask_idx, shard=shard)
+        result.edit_id = self.memory.add_edit(mask_idx, edit_id=edit_id, shard=shard)
         result.seconds = time.perf_counter() - t0
         return result
 

@@ -93,9 +93,9 @@ class Memoir:
 
     # -- editing --------------------------------------------------------------------------------
 
-    def edit(self, prompt: str, target: str, source: str = "") -> EditResult:
-        """Write one fact; returns its edit id, loss trajectory and time."""
-        result = self.editor.edit(prompt, target)
+    def edit(self, prompt: str, target: str, source: str = "", edit_id: int | None = None) -> EditResult:
+        """Write one fact; returns its edit id, loss trajectory and time (edit_id: see SequentialEditor.edit)."""
+        result = self.editor.edit(prompt, target, edit_id=edit_id)
         self.edits.append(EditRecord(prompt, target, source))
         return result
 
