@@ -180,6 +180,7 @@ def add_demo(sub) -> None:
 
 
 SUBCOMMANDS: list[Callable] = [add_prepare_model, add_edit, add_ask, add_snapshot, add_demo]
+SUBCOMMANDS.append(__import__("memoir_vllm.vllm.serve", fromlist=["add_serve"]).add_serve)  # vLLM imported lazily
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -193,7 +194,12 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args, extra = parser.parse_known_args(argv)
+    if extra and not getattr(args, "pass_through", False):
+        parser.error(f"unrecognized arguments: {' '.join(extra)}")
+    if extra:
+        args.vllm_args = list(getattr(args, "vllm_args", None) or []) + extra  # e.g. `memoir serve`'s vLLM options
     level = logging.DEBUG if args.verbose else logging.WARNING if args.quiet else logging.INFO
     logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S")
     for noisy in ("httpx", "urllib3", "transformers"):

@@ -239,7 +239,7 @@ class MemoirWorkerExtension:
         """Snapshot path, edit counts and tau of the attached memory."""
         r = self._memoir_router()
         return {"snapshot": self.model_runner._memoir_snapshot, "n_edits": r.memory.n_edits,
-                "n_active": r.memory.index.n_active, "tau": r.memory.tau, "live_requests": len(r.states)}
+                "n_active": r.memory.index.n_active, "tau": r.memory.tau, "live_requests": len(r.states), **r.counts}
 
     def memoir_set_tau(self, tau: float) -> float:
         if not 0.0 <= tau <= 1.0:

@@ -45,6 +45,7 @@ class RequestState:
     decided: bool = False
     row: int = UNDECIDED  # host mirror of slot_row once read back
     n_prompt_seen: int = 0  # prompt tokens accumulated into the feature
+    next_pos: int = 0  # where the next prompt chunk should start (a restart means preemption)
     pending_readback: bool = False
 
 
@@ -90,6 +91,7 @@ class Router:
         self.cache_size = cache_size
         self.plan = StepPlan()
         self.partial_prefix_warned = False
+        self.counts = {"decided": 0, "routed": 0, "reused": 0, "opted_out": 0, "partial_prefix": 0, "chunked": 0}
 
     # -- slots -------------------------------------------------------------------------------------
 
@@ -165,6 +167,8 @@ class Router:
         for st, row in zip(pending, rows):
             st.pending_readback, st.decided, st.row = False, True, int(row)
             self._remember(st.key, int(row))
+            self.counts["decided"] += 1
+            self.counts["routed"] += int(row >= 0)
 
     def prepare(self, req_ids: list[str], num_computed: np.ndarray, num_scheduled: np.ndarray,
                 num_prompt: np.ndarray, opted_out: list[bool], keys: list[bytes], live: set[str]) -> None:
@@ -183,20 +187,30 @@ class Router:
                 st = self._alloc(rid, keys[i])
                 if opted_out[i]:
                     self._set_decided(st, NO_MEMORY)
+                    self.counts["opted_out"] += 1
                 elif start > 0:  # prefix-cache hit: only identical prompts share blocks (salted)
                     row = self.decisions.get(st.key)
                     if row is not None:
                         self._set_decided(st, row)
-                    elif not self.partial_prefix_warned:
+                        self.counts["reused"] += 1
+                    else:
+                        self.counts["partial_prefix"] += 1
+                    if row is None and not self.partial_prefix_warned:
                         self.partial_prefix_warned = True
                         log.warning("memoir: a request started at token %d with no remembered decision for its "
                                     "prompt; it is routed from its uncached prompt tokens only", start)
             slots[i] = st.slot
             if not st.decided and not st.pending_readback:
+                if st.n_prompt_seen and start != st.next_pos:  # preempted mid-prompt and recomputed: start over
+                    self.acc[st.slot].zero_()
+                    st.n_prompt_seen = 0
+                st.next_pos = start + count
                 undecided[i] = True
                 seen = max(0, min(start + count, plen) - start)
                 st.n_prompt_seen += seen
                 if start + count >= plen:
+                    if st.n_prompt_seen > count:
+                        self.counts["chunked"] += 1
                     decide.append(st.slot)
                     self.n_prompt[st.slot] = float(max(st.n_prompt_seen, 1))
                     st.pending_readback = True
