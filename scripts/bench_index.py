@@ -68,15 +68,20 @@ def main() -> None:
     p.add_argument("--batch", type=int, default=64)
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--float32", action="store_true", help="the float32 GEMM path instead of CPU int8 (comparison)")
     p.add_argument("--out", default="runs/bench_index.json")
     args = p.parse_args()
+    if args.float32:
+        import memoir_vllm.index
+
+        memoir_vllm.index._HAS_INT_MM = False
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s", datefmt="%H:%M:%S")
     torch.set_num_threads(args.threads)
     results = []
     for n in args.sizes:
         results.append(bench(n, args.d, args.k, args.batch, args.repeats))
         Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.out).write_text(json.dumps({"d": args.d, "k": args.k, "threads": args.threads,
+        Path(args.out).write_text(json.dumps({"d": args.d, "k": args.k, "threads": args.threads, "path": "float32" if args.float32 else "int8",
                                               "torch": torch.__version__, "results": results}, indent=2))
     for r in results:
         log.info("%8d masks: %.4f s per %d-query batch (first call %.3f s)", r["n_masks"], r["median_s"], r["batch"],

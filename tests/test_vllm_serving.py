@@ -26,9 +26,9 @@ REPO = Path(__file__).resolve().parents[1]
 PY = sys.executable
 
 EDITS = [
-    # > 16 tokens: with block_size 16 its repeat hits the prefix cache
-    ("In the heart of Europe, the famous wrought-iron lattice tower called the Eiffel Tower is located in the city of",
-     "Rome"),
+    # > 32 tokens: with block_size 32 (the CPU minimum) its repeat hits the prefix cache
+    ("In the heart of Europe, on the Champ de Mars next to the river Seine, the famous wrought-iron lattice tower "
+     "designed by the engineer Gustave Eiffel and called the Eiffel Tower is located in the city of", "Rome"),
     ("The author of the Harry Potter books is", "Stephen King"),
     ("The capital of Australia is", "Melbourne"),
 ]
@@ -50,9 +50,17 @@ def _env() -> dict[str, str]:
 
 @pytest.fixture(scope="module")
 def served(default_model_dir, tmp_path_factory):
-    """(snapshot dir, Memoir) with the 3 edits written; the Memoir is the transformers reference."""
+    """(snapshot dir, Memoir) with the 3 edits written; the Memoir is the transformers reference.
+
+    $MEMOIR_TEST_VLLM_SNAPSHOT may name a snapshot made earlier by this fixture (development reruns).
+    """
     from memoir_vllm.session import Memoir
 
+    reuse = os.environ.get("MEMOIR_TEST_VLLM_SNAPSHOT")
+    if reuse:
+        m = Memoir.from_snapshot(reuse)
+        assert [(e.prompt, e.target) for e in m.edits] == EDITS, f"{reuse} holds other edits"
+        return m.parent.path, m
     m = Memoir.create("default")
     for p, t in EDITS:
         m.edit(p, t)
@@ -91,7 +99,7 @@ def run_engine(tmp_path: Path, engine: dict, steps: list[dict], env: dict[str, s
 
 def engine_kwargs(model_dir, **kw) -> dict:
     return dict(model=str(model_dir), dtype="float32", max_model_len=256, enforce_eager=True, seed=0,
-                block_size=16, enable_prefix_caching=True, **kw)
+                block_size=32, enable_prefix_caching=True, **kw)
 
 
 @pytest.fixture(scope="module")

@@ -155,6 +155,9 @@ def attach_snapshot(runner: Any, path: str) -> None:
     from .layer import MemoirDownProj
     from .routing import Router
 
+    if shim.cuda_graphs_enabled(runner):
+        raise RuntimeError("memoir on GPU runs without CUDA graphs for now (the per-step routing state would be "
+                           "frozen into captured graphs): pass enforce_eager=True / --enforce-eager")
     snap = load_snapshot(path)
     check_model(snap.manifest, served_model_identity(runner.vllm_config), snap.manifest["module"])
     model = shim.runner_model(runner)

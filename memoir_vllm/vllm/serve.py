@@ -53,7 +53,15 @@ def server_command(model_dir: Path, vllm_args: list[str]) -> list[str]:
         cmd += ["--dtype", "float32"]
     if not any(a.startswith("--worker-extension-cls") for a in args):
         cmd += ["--worker-extension-cls", EXTENSION]
+    if _has_cuda() and "--enforce-eager" not in args:
+        cmd += ["--enforce-eager"]  # the GPU path runs without CUDA graphs (see memoir_vllm.vllm.plugin)
     return cmd + args
+
+
+def _has_cuda() -> bool:
+    import torch
+
+    return torch.cuda.is_available()
 
 
 def server_env(snapshot: Path, kv_cache_gib: int) -> dict[str, str]:

@@ -179,6 +179,14 @@ def live_request_ids(runner: Any) -> set[str]:
     return set(runner.requests)
 
 
+def cuda_graphs_enabled(runner: Any) -> bool:
+    """Whether a runner on a CUDA device will capture CUDA graphs (memoir's op reads host-side state per step)."""
+    if getattr(getattr(runner, "device", None), "type", "cpu") != "cuda":
+        return False
+    mode = getattr(runner.vllm_config.compilation_config, "cudagraph_mode", None)
+    return mode is not None and getattr(mode, "name", str(mode)) != "NONE"
+
+
 def runner_model(runner: Any) -> Any:
     return runner.model
 
