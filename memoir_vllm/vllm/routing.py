@@ -165,6 +165,10 @@ class Router:
             return
         rows = self.slot_row[torch.tensor([st.slot for st in pending])].tolist()
         for st, row in zip(pending, rows):
+            if row == UNDECIDED:  # the step was prepared but its forward never ran: read the prompt again
+                st.pending_readback, st.n_prompt_seen = False, 0
+                self.acc[st.slot].zero_()
+                continue
             st.pending_readback, st.decided, st.row = False, True, int(row)
             self._remember(st.key, int(row))
             self.counts["decided"] += 1
