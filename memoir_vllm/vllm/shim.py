@@ -153,7 +153,9 @@ def request_key(prompt_token_ids: list[int] | None, opted_out: bool) -> bytes:
 def _opted_out(sampling_params: Any) -> bool:
     extra = getattr(sampling_params, "extra_args", None) or {}
     value = extra.get("memoir", True)
-    return value is False or (isinstance(value, str) and value.lower() in ("false", "0", "off", "no"))
+    if isinstance(value, str):  # HTTP vllm_xargs may carry strings
+        return value.strip().lower() in ("false", "0", "off", "no")
+    return isinstance(value, (bool, int, float)) and not value  # false, or 0 (pydantic may coerce false to 0)
 
 
 def batch_view(runner: Any, num_scheduled_tokens: np.ndarray, keys: dict[str, bytes]) -> BatchView:
