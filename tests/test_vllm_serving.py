@@ -88,7 +88,7 @@ def _strip(tokens: list[int], eos: int) -> list[int]:
 
 
 def run_engine(tmp_path: Path, engine: dict, steps: list[dict], env: dict[str, str] | None = None,
-               timeout: int = 400) -> list:
+               timeout: int = 900) -> list:
     spec, out = tmp_path / "spec.json", tmp_path / "out.json"
     spec.write_text(json.dumps({"engine": engine, "steps": steps, "env": env or {}}))
     res = subprocess.run([PY, str(REPO / "tests" / "vllm_driver.py"), str(spec), str(out)], env=_env(),
