@@ -44,7 +44,7 @@ def check_snapshot_for_model(snapshot: str | Path, model: str | None) -> tuple[P
     return snap.path.resolve(), model_dir.resolve()
 
 
-def server_command(model_dir: Path, vllm_args: list[str]) -> list[str]:
+def server_command(model_dir: Path, vllm_args: list[str], compile: bool = False) -> list[str]:
     """The api_server command line for a model directory plus the user's vLLM options."""
     args = list(vllm_args)
     args = [a for a in args if a != "--"]
@@ -53,8 +53,9 @@ def server_command(model_dir: Path, vllm_args: list[str]) -> list[str]:
         cmd += ["--dtype", "float32"]
     if not any(a.startswith("--worker-extension-cls") for a in args):
         cmd += ["--worker-extension-cls", EXTENSION]
-    if _has_cuda() and "--enforce-eager" not in args:
-        cmd += ["--enforce-eager"]  # the GPU path runs without CUDA graphs (see memoir_vllm.vllm.plugin)
+    if (_has_cuda() or not compile) and "--enforce-eager" not in args:
+        # GPU: no CUDA graphs (see memoir_vllm.vllm.plugin); CPU: the torch.compile path is untested with memoir
+        cmd += ["--enforce-eager"]
     return cmd + args
 
 
@@ -82,13 +83,13 @@ def server_env(snapshot: Path, kv_cache_gib: int) -> dict[str, str]:
 
 
 def serve(snapshot: str, model: str | None = None, kv_cache_gib: int = 1, vllm_args: list[str] | None = None,
-          dry_run: bool = False) -> list[str]:
+          dry_run: bool = False, compile: bool = False) -> list[str]:
     """Check, then exec the OpenAI server with the memory; dry_run returns the command instead."""
     from . import shim
 
     shim.check_version()
     snap_dir, model_dir = check_snapshot_for_model(snapshot, model)
-    cmd = server_command(model_dir, vllm_args or [])
+    cmd = server_command(model_dir, vllm_args or [], compile)
     env = server_env(snap_dir, kv_cache_gib)
     log.info("serving %s with snapshot %s: %s", model_dir, snap_dir, " ".join(cmd))
     if dry_run:
@@ -100,7 +101,7 @@ def serve(snapshot: str, model: str | None = None, kv_cache_gib: int = 1, vllm_a
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
-    cmd = serve(args.snapshot, args.model, args.kv_cache_gib, args.vllm_args, args.dry_run)
+    cmd = serve(args.snapshot, args.model, args.kv_cache_gib, args.vllm_args, args.dry_run, args.compile)
     if args.dry_run:
         print(" ".join(cmd))
     return 0
@@ -115,6 +116,8 @@ def add_serve(sub) -> None:
     p.add_argument("--snapshot", required=True, help="snapshot store or version directory")
     p.add_argument("--model", help="model directory (default: the one recorded in the snapshot)")
     p.add_argument("--kv-cache-gib", type=int, default=1, help="CPU only: VLLM_CPU_KVCACHE_SPACE if unset (default 1)")
+    p.add_argument("--compile", action="store_true", help="CPU: let vLLM torch.compile the model (untested with "
+                   "memoir; the default adds --enforce-eager)")
     p.add_argument("--dry-run", action="store_true", help="check and print the server command without starting it")
     # every other option goes to vLLM's server unchanged (collected by memoir's main as vllm_args)
     p.set_defaults(func=cmd_serve, pass_through=True, vllm_args=[])
