@@ -1,6 +1,6 @@
 """The `memoir` command. Each subcommand maps its flags onto one library function and holds no logic.
 
-Other packages add subcommands by appending a `(name, add_parser_fn)` pair to SUBCOMMANDS.
+Other modules add subcommands by appending an `add_xxx(subparsers)` function to SUBCOMMANDS.
 """
 from __future__ import annotations
 
@@ -205,6 +205,7 @@ def add_demo(sub) -> None:
 
 SUBCOMMANDS: list[Callable] = [add_prepare_model, add_edit, add_ask, add_snapshot, add_demo]
 SUBCOMMANDS += __import__("memoir_eval.cli", fromlist=["x"]).EVAL_SUBCOMMANDS  # eval, calibrate, retention, lm-eval
+SUBCOMMANDS.append(__import__("memoir_vllm.vllm.serve", fromlist=["add_serve"]).add_serve)  # vLLM imported lazily
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -218,7 +219,12 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args, extra = parser.parse_known_args(argv)
+    if extra and not getattr(args, "pass_through", False):
+        parser.error(f"unrecognized arguments: {' '.join(extra)}")
+    if extra:
+        args.vllm_args = list(getattr(args, "vllm_args", None) or []) + extra  # e.g. `memoir serve`'s vLLM options
     level = logging.DEBUG if args.verbose else logging.WARNING if args.quiet else logging.INFO
     logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S")
     for noisy in ("httpx", "urllib3", "transformers"):

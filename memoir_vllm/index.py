@@ -14,6 +14,7 @@ import torch
 from torch import nn
 
 _BITS = torch.tensor([1, 2, 4, 8, 16, 32, 64, 128], dtype=torch.uint8)
+_HAS_INT_MM = hasattr(torch, "_int_mm")
 
 
 def pack_masks(mask: torch.Tensor) -> torch.Tensor:
@@ -84,7 +85,7 @@ class MaskIndex(nn.Module):
         return unpack_masks(self.packed[rows], self.d_inner)
 
     def _dense_masks(self, dtype: torch.dtype) -> torch.Tensor | None:
-        nbytes = len(self) * self.d_inner * torch.finfo(dtype).bits // 8
+        nbytes = len(self) * self.d_inner * torch.empty(0, dtype=dtype).element_size()
         if nbytes > self.dense_cache_bytes:
             return None
         if self._dense is None or self._dense.dtype != dtype:
@@ -94,18 +95,26 @@ class MaskIndex(nn.Module):
 
     @torch.no_grad()
     def overlaps(self, query: torch.Tensor, chunk: int = 16384) -> torch.Tensor:
-        """|M_q & M_i| for every query and stored mask: query [B, D] bool -> [B, N] int32 (-1 if inactive)."""
-        dtype = torch.float32  # exact: sums of 0/1 stay below 2^24 (fp16 would round overlaps > 2048)
+        """|M_q & M_i| for every query and stored mask: query [B, D] bool -> [B, N] int32 (-1 if inactive).
+
+        On CPU the masks are int8 and the product an exact int8 x int8 -> int32 GEMM (torch._int_mm): a quarter
+        of the float32 cache's memory and ~3x faster; elsewhere float32 (exact: sums of 0/1 stay below 2^24).
+        """
+        on_cpu = self.packed.device.type == "cpu" and _HAS_INT_MM
+        dtype = torch.int8 if on_cpu else torch.float32
         q = query.to(self.packed.device, dtype)  # [B, D]
+
+        def product(masks: torch.Tensor) -> torch.Tensor:  # masks [n, D] -> [B, n]
+            return torch._int_mm(q, masks.T) if on_cpu else (q @ masks.T).round().to(torch.int32)
+
         dense = self._dense_masks(dtype)
         if dense is not None:
-            out = q @ dense.T  # [B, N]
+            out = product(dense)  # [B, N]
         else:
             out = torch.cat(
-                [q @ unpack_masks(self.packed[s : s + chunk], self.d_inner).to(dtype).T for s in range(0, len(self), chunk)],
+                [product(unpack_masks(self.packed[s : s + chunk], self.d_inner).to(dtype)) for s in range(0, len(self), chunk)],
                 dim=1,
             )
-        out = out.round().to(torch.int32)
         return out.masked_fill(~self.active.unsqueeze(0), -1)
 
     @torch.no_grad()

@@ -1,0 +1,277 @@
+"""vLLM plugin entry point (`vllm.general_plugins: memoir = memoir_vllm.vllm.plugin:register`).
+
+register() runs in every vLLM process (API server, engine core, workers). It only installs
+pass-through patches (shim.py), once; they act only for an engine with a snapshot configured:
+
+    MEMOIR_SNAPSHOT=/path/to/snapshot                                   (environment), or
+    LLM(..., hf_overrides={"memoir_snapshot": "/path/to/snapshot"})
+
+What a served request gets (the semantics, precisely):
+- Routing is decided once per request from the mean of the layer-L down_proj input over ALL its
+  prompt tokens, minus the background; TopHash; best active match; routed iff ratio >= tau.
+  The decision is kept for every generated token, across preemption, until the request finishes.
+- Whole prompt in one step (the usual case: prompt <= max_num_batched_tokens): exact reference
+  semantics. The decision is made inside that forward, at the edited layer, before its output
+  is used, so the memory term reaches every prompt token and every generated token.
+- Chunked prefill (prompt split over steps): the decision still uses all prompt tokens (their
+  activations are summed per request across chunks), but tokens of the earlier chunks already ran
+  through the base layer; the memory reaches the final prompt chunk and all generated tokens.
+  This is a documented variant, not the reference; raise max_num_batched_tokens to avoid it.
+- Prefix caching: the plugin salts each request's block hashes with its whole prompt (and its
+  opt-out flag), so cached KV is shared only between identical prompts, whose decision is the same
+  and is remembered per prompt. A request that starts from cached blocks reuses that decision.
+  (Shared system prompts are therefore not shared across different prompts: their KV at layers
+  after L depends on the routing.)
+- Unmatched and opted-out requests (SamplingParams.extra_args={"memoir": False}; over HTTP
+  `vllm_xargs`) get exactly the base layer output (torch.where, no added zeros).
+- Model Runner V2 is not supported: with a snapshot, register() sets VLLM_USE_V2_MODEL_RUNNER=0
+  unless the user set it, and a V2 runner refuses to load.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import os
+from pathlib import Path
+from typing import Any
+
+log = logging.getLogger(__name__)
+
+_REGISTERED = False
+_SALT_ACTIVE = False  # set in an engine core whose scheduler was built with a snapshot configured
+_HASH_CACHE: dict[str, str] = {}
+
+
+def register() -> None:
+    """Install memoir's vLLM patches (idempotent). Nothing changes for an engine without a snapshot."""
+    global _REGISTERED
+    if _REGISTERED:
+        return
+    from . import shim
+
+    snapshot = os.environ.get(shim.SNAPSHOT_ENV)
+    try:
+        shim.check_hook_points()
+    except shim.MemoirVllmError:
+        if snapshot:
+            raise  # asked to serve a memory: never serve silently without it
+        log.debug("memoir plugin inactive: vLLM is not the pinned version and no snapshot is configured")
+        return
+    if snapshot:
+        _force_v1_runner()
+    shim.patch_load_model(_after_load)
+    shim.patch_v2_runner_refusal(_refuse_v2)
+    shim.patch_prepare_inputs(_after_prepare)
+    shim.patch_scheduler_init(_scheduler_seen)
+    shim.patch_request_salt(_salt)
+    shim.patch_config_hash(_config_salt)
+    _REGISTERED = True
+
+
+def _force_v1_runner() -> None:
+    value = os.environ.get("VLLM_USE_V2_MODEL_RUNNER")
+    if value is not None and value.strip().lower() in ("1", "true"):
+        raise RuntimeError("memoir serves with vLLM's V1 model runner only; unset VLLM_USE_V2_MODEL_RUNNER or set it to 0")
+    os.environ["VLLM_USE_V2_MODEL_RUNNER"] = "0"
+
+
+def _refuse_v2(runner: Any) -> None:
+    from . import shim
+
+    if shim.snapshot_of(runner.vllm_config):
+        raise RuntimeError("memoir: vLLM chose Model Runner V2, which memoir does not hook; "
+                           "set VLLM_USE_V2_MODEL_RUNNER=0 (memoir serve and MEMOIR_SNAPSHOT do this for you)")
+
+
+# -- engine core: prefix-cache salt ----------------------------------------------------------------
+
+
+def _scheduler_seen(vllm_config: Any) -> None:
+    from . import shim
+
+    global _SALT_ACTIVE
+    _SALT_ACTIVE = shim.snapshot_of(vllm_config) is not None
+
+
+def _salt(request: Any) -> str | None:
+    """cache_salt of a request: its prompt identity (plus any user salt) when memoir is active."""
+    if not _SALT_ACTIVE:
+        return None
+    from . import shim
+
+    ids, params, user_salt = shim.engine_request_parts(request)
+    if ids is None:
+        return None
+    key = shim.request_key(ids, shim.opted_out(params)).hex()
+    return f"memoir:{key}" + (f":{user_salt}" if user_salt else "")
+
+
+# -- compile cache salt ----------------------------------------------------------------------------
+
+
+def snapshot_identity(path: str) -> str:
+    """A short identity of a snapshot version: its manifest's version and file checksums."""
+    from ..snapshot import MANIFEST, resolve_version
+
+    if path not in _HASH_CACHE:
+        d = resolve_version(path)
+        m = json.loads((d / MANIFEST).read_text())
+        _HASH_CACHE[path] = json.dumps({"version": m.get("version"), "files": m.get("files"), "tau": m.get("tau"),
+                                        "module": m.get("module")}, sort_keys=True)
+    return _HASH_CACHE[path]
+
+
+def _config_salt(vllm_config: Any) -> str | None:
+    from . import shim
+
+    path = shim.snapshot_of(vllm_config)
+    if path is None:
+        return None
+    try:
+        return snapshot_identity(path)
+    except Exception as e:  # a missing snapshot fails clearly at load; the hash must not crash first
+        return f"unreadable:{path}:{e}"
+
+
+# -- worker: attach and route ----------------------------------------------------------------------
+
+
+def _after_load(runner: Any) -> None:
+    from . import shim
+
+    path = shim.snapshot_of(runner.vllm_config)
+    if path is None:
+        return
+    attach_snapshot(runner, path)
+
+
+def attach_snapshot(runner: Any, path: str) -> None:
+    """Load a snapshot, check it against the served model, and wrap its layer's down_proj."""
+    import torch
+
+    from ..hf import get_module
+    from ..snapshot import check_model, load_snapshot
+    from . import shim
+    from .layer import MemoirDownProj
+    from .routing import Router
+
+    if shim.cuda_graphs_enabled(runner):
+        raise RuntimeError("memoir on GPU runs without CUDA graphs for now (the per-step routing state would be "
+                           "frozen into captured graphs): pass enforce_eager=True / --enforce-eager")
+    snap = load_snapshot(path)
+    check_model(snap.manifest, served_model_identity(runner.vllm_config), snap.manifest["module"])
+    model = shim.runner_model(runner)
+    module_path = snap.manifest["module"]
+    parent_path, child = module_path.rsplit(".", 1)
+    try:
+        parent = get_module(model, parent_path)
+        current = getattr(parent, child)
+    except (AttributeError, IndexError) as e:
+        raise RuntimeError(f"memoir: the served model has no module {module_path} ({e}); "
+                           "is the snapshot made for this architecture?") from e
+    base = current.base_layer if isinstance(current, MemoirDownProj) else current
+    shape = (getattr(base, "output_size_per_partition", None), getattr(base, "input_size_per_partition", None))
+    if shape != (snap.memory.d_model, snap.memory.d_inner):
+        raise RuntimeError(f"memoir: {module_path} maps {shape[1]} -> {shape[0]} features per partition, the snapshot "
+                           f"expects {snap.memory.d_inner} -> {snap.memory.d_model}; tensor parallelism is not "
+                           "supported (use tensor_parallel_size=1)")
+    dtype, device = runner.model_config.dtype, runner.device
+    memory = snap.memory.to(device)
+    with torch.no_grad():
+        memory.weight.data = memory.weight.data.to(dtype)
+    max_reqs, max_tokens = shim.runner_limits(runner)
+    router = Router(memory, max_reqs, max_tokens, dtype, device)
+    wrapped = MemoirDownProj(base, router, module_path)
+    setattr(parent, child, wrapped)
+    runner._memoir_router = router
+    runner._memoir_snapshot = str(snap.path)
+    log.info("memoir: %s attached at %s (%d edits, %d active, tau %.3f)", snap.path, module_path,
+             memory.n_edits, memory.index.n_active, memory.tau)
+
+
+def served_model_identity(vllm_config: Any) -> dict:
+    """model_identity() of the served model's transformers config (what a snapshot is bound to)."""
+    from ..models import model_identity
+    from . import shim
+
+    d = shim.hf_config_dict(vllm_config)
+
+    class _Config:
+        model_type = d.get("model_type")
+        _name_or_path = str(vllm_config.model_config.model)
+
+        @staticmethod
+        def to_dict() -> dict:
+            return dict(d)
+
+    class _Model:
+        config = _Config()
+
+    return model_identity(_Model())
+
+
+def _after_prepare(runner: Any, scheduler_output: Any, num_scheduled_tokens: Any) -> None:
+    router = getattr(runner, "_memoir_router", None)
+    if router is None:
+        return
+    from . import shim
+
+    view = shim.batch_view(runner, num_scheduled_tokens, router.keys)
+    router.prepare(view.req_ids, view.num_computed, view.num_scheduled, view.num_prompt, view.opted_out,
+                   view.prompt_keys, shim.live_request_ids(runner))
+
+
+# -- runtime updates through collective_rpc ---------------------------------------------------------
+
+
+class MemoirWorkerExtension:
+    """Worker methods for `llm.collective_rpc("memoir_...", args=...)`; pass
+    `worker_extension_cls="memoir_vllm.vllm.plugin.MemoirWorkerExtension"` to the engine.
+
+    After an update, cached routing decisions are forgotten; call `llm.reset_prefix_cache()` too,
+    so that no KV computed under the old memory is reused.
+    """
+
+    def _memoir_router(self):
+        router = getattr(self.model_runner, "_memoir_router", None)
+        if router is None:
+            raise RuntimeError("memoir: this engine has no snapshot attached (set MEMOIR_SNAPSHOT or hf_overrides)")
+        return router
+
+    def memoir_info(self) -> dict:
+        """Snapshot path, edit counts and tau of the attached memory."""
+        r = self._memoir_router()
+        return {"snapshot": self.model_runner._memoir_snapshot, "n_edits": r.memory.n_edits,
+                "n_active": r.memory.index.n_active, "tau": r.memory.tau, "live_requests": len(r.states), **r.counts}
+
+    def memoir_set_tau(self, tau: float) -> float:
+        if not 0.0 <= tau <= 1.0:
+            raise ValueError(f"tau={tau} is outside [0, 1]")
+        r = self._memoir_router()
+        r.memory.tau = float(tau)
+        r.clear_decisions()
+        return r.memory.tau
+
+    def memoir_set_active(self, edit_id: int, active: bool) -> int:
+        r = self._memoir_router()
+        r.memory.index.set_active(int(edit_id), bool(active))
+        r.clear_decisions()
+        return r.memory.index.n_active
+
+    def memoir_load_snapshot(self, path: str) -> dict:
+        """Replace the attached memory by another snapshot for the same model and layer."""
+        from ..snapshot import check_model, load_snapshot
+
+        r = self._memoir_router()
+        snap = load_snapshot(path)
+        check_model(snap.manifest, served_model_identity(self.model_runner.vllm_config), snap.manifest["module"])
+        if (snap.memory.d_model, snap.memory.d_inner) != (r.memory.d_model, r.memory.d_inner):
+            raise ValueError("memoir: the new snapshot has other dimensions than the attached one")
+        if r.states:
+            raise RuntimeError("memoir: requests are in flight; load a new snapshot when the engine is idle")
+        memory = snap.memory.to(r.device)
+        memory.weight.data = memory.weight.data.to(r.dtype)
+        r.memory = memory
+        r.clear_decisions()
+        self.model_runner._memoir_snapshot = str(Path(snap.path))
+        return self.memoir_info()

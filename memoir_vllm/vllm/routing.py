@@ -1,0 +1,249 @@
+"""Per-request routing state fed to the memoir layer once per engine step.
+
+Each live request owns a stable slot (kept across preemption, freed when the runner drops the
+request). Per step, after vLLM's runner has fixed its batch, `Router.prepare()` writes
+
+    tok_slot[t]   slot of the request of token t (-1: padding, no memory)          [T_max] int64
+    tok_prompt[t] token t is a prompt token of a request not yet decided           [T_max] bool
+    dec_slots[:n] slots whose prompt completes this step (decided in the forward)  [R_max] int64
+
+with `copy_` into preallocated tensors. The layer (layer.py) then, inside the forward:
+accumulates the prompt tokens' activations per slot, decides the completing slots
+(mean feature -> TopHash -> best match -> tau), and adds W_m (M_i* ⊙ a) to every token of a
+routed slot. Decisions (slot_row, -1 = base model) live in device tensors; the host mirror is
+refreshed at the next prepare() (never inside the forward).
+
+Semantics (see docs in plugin.py): a request whose whole prompt runs in one step gets the exact
+reference behaviour. A prompt split over several steps (chunked prefill) is decided from all its
+prompt tokens, but the memory term reaches only the tokens run from the deciding chunk on.
+A prefix-cache hit only happens between identical prompts (plugin salts the block hashes with
+the prompt); its decision is reused from the request that computed the cached blocks.
+"""
+from __future__ import annotations
+
+import logging
+from collections import OrderedDict
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+
+from ..memory import ResidualMemory
+
+log = logging.getLogger(__name__)
+
+NO_MEMORY = -1  # slot_row value: decided, base model
+UNDECIDED = -2  # slot_row value: prompt still being read
+
+
+@dataclass
+class RequestState:
+    """Host-side state of one live request."""
+
+    slot: int
+    key: bytes  # prompt identity (prompt-cache salt and decision cache key)
+    decided: bool = False
+    row: int = UNDECIDED  # host mirror of slot_row once read back
+    n_prompt_seen: int = 0  # prompt tokens accumulated into the feature
+    next_pos: int = 0  # where the next prompt chunk should start (a restart means preemption)
+    pending_readback: bool = False
+
+
+@dataclass
+class StepPlan:
+    """Python-side facts of this step that the layer reads (set by prepare, consumed by one forward)."""
+
+    armed: bool = False  # a real step was prepared and its forward has not run yet
+    num_tokens: int = 0
+    need_acc: bool = False
+    n_decide: int = 0
+    need_memory: bool = False
+    decided_slots: list[int] = field(default_factory=list)
+
+
+class Router:
+    """Routing buffers of one engine worker for one memoir layer.
+
+    Args:
+        memory: the loaded ResidualMemory (index, W_m, perm, background; on `device`).
+        max_reqs: vLLM's max_num_seqs (batch rows per step).
+        max_tokens: vLLM's max_num_batched_tokens (tokens per step).
+        dtype: the model's activation dtype (for the per-slot dense masks).
+        cache_size: decisions remembered per prompt key (prefix-cache hits reuse them).
+    """
+
+    def __init__(self, memory: ResidualMemory, max_reqs: int, max_tokens: int, dtype: torch.dtype,
+                 device: torch.device, cache_size: int = 1 << 16) -> None:
+        self.memory = memory
+        self.device, self.dtype = device, dtype
+        self.max_tokens = max_tokens
+        d = memory.d_inner
+        self.n_slots = 0
+        self.tok_slot = torch.full((max_tokens,), NO_MEMORY, dtype=torch.int64, device=device)  # [T_max]
+        self.tok_prompt = torch.zeros(max_tokens, dtype=torch.bool, device=device)  # [T_max]
+        self.dec_slots = torch.zeros(max_reqs, dtype=torch.int64, device=device)  # [R_max]
+        self._tok_slot_host = torch.full((max_tokens,), NO_MEMORY, dtype=torch.int64)  # staging
+        self._tok_prompt_host = torch.zeros(max_tokens, dtype=torch.bool)
+        self._grow(max(2 * max_reqs, 8), d)
+        self.states: dict[str, RequestState] = {}
+        self.keys: dict[str, bytes] = {}
+        self.decisions: OrderedDict[bytes, int] = OrderedDict()  # prompt key -> row (-1 none)
+        self.cache_size = cache_size
+        self.plan = StepPlan()
+        self.partial_prefix_warned = False
+        self.counts = {"decided": 0, "routed": 0, "reused": 0, "opted_out": 0, "partial_prefix": 0, "chunked": 0}
+
+    # -- slots -------------------------------------------------------------------------------------
+
+    def _grow(self, n: int, d: int) -> None:
+        """(Re)allocate per-slot buffers for n slots, keeping existing contents. Never called in forward."""
+        old = self.n_slots
+
+        def grown(t: torch.Tensor | None, shape: tuple, fill: float, dtype: torch.dtype) -> torch.Tensor:
+            new = torch.full(shape, fill, dtype=dtype, device=self.device)
+            if t is not None and old:
+                new[:old] = t[:old]
+            return new
+
+        # one extra trailing row (index n) is a sink for padding tokens: never read as a decision
+        self.slot_row = grown(getattr(self, "slot_row", None), (n + 1,), NO_MEMORY, torch.int64)  # [S+1]
+        self.slot_ratio = grown(getattr(self, "slot_ratio", None), (n + 1,), 0.0, torch.float32)  # [S+1]
+        self.slot_shard = grown(getattr(self, "slot_shard", None), (n + 1,), 0, torch.int64)  # [S+1]
+        self.slot_mask = grown(getattr(self, "slot_mask", None), (n + 1, d), 0.0, self.dtype)  # [S+1, D]
+        self.acc = grown(getattr(self, "acc", None), (n + 1, d), 0.0, torch.float32)  # [S+1, D] prompt sums
+        self.n_prompt = grown(getattr(self, "n_prompt", None), (n + 1,), 0.0, torch.float32)  # [S+1]
+        if old:
+            self.slot_row[old:].fill_(NO_MEMORY)
+        self.free = list(range(n - 1, old - 1, -1)) + getattr(self, "free", [])
+        self.n_slots = n
+
+    def _alloc(self, rid: str, key: bytes) -> RequestState:
+        if not self.free:
+            self._grow(2 * self.n_slots, self.memory.d_inner)
+        slot = self.free.pop()
+        self.slot_row[slot] = UNDECIDED
+        self.slot_mask[slot].zero_()
+        self.acc[slot].zero_()
+        st = RequestState(slot, key)
+        self.states[rid] = st
+        return st
+
+    def _release(self, live: set[str]) -> None:
+        for rid in [r for r in self.states if r not in live]:
+            st = self.states.pop(rid)
+            self.keys.pop(rid, None)
+            self.slot_row[st.slot] = NO_MEMORY
+            self.free.append(st.slot)
+
+    def _remember(self, key: bytes, row: int) -> None:
+        self.decisions[key] = row
+        self.decisions.move_to_end(key)
+        while len(self.decisions) > self.cache_size:
+            self.decisions.popitem(last=False)
+
+    def _set_decided(self, st: RequestState, row: int) -> None:
+        """Fix a decision from the host (opt-out or a cached decision), outside the forward."""
+        st.decided, st.row = True, row
+        self.slot_row[st.slot] = row
+        if row >= 0:
+            index = self.memory.index
+            self.slot_mask[st.slot] = index.masks(torch.tensor([row], device=index.packed.device))[0].to(self.slot_mask)
+            self.slot_shard[st.slot] = int(index.shards[row])
+        else:
+            self.slot_mask[st.slot].zero_()
+
+    def clear_decisions(self) -> None:
+        """Forget cached per-prompt decisions (after tau, edits or the snapshot changed)."""
+        self.decisions.clear()
+
+    # -- per step ----------------------------------------------------------------------------------
+
+    def _read_back(self) -> None:
+        """Host mirror of the decisions made inside the previous forward (outside any forward)."""
+        pending = [st for st in self.states.values() if st.pending_readback]
+        if not pending:
+            return
+        rows = self.slot_row[torch.tensor([st.slot for st in pending])].tolist()
+        for st, row in zip(pending, rows):
+            if row == UNDECIDED:  # the step was prepared but its forward never ran: read the prompt again
+                st.pending_readback, st.n_prompt_seen = False, 0
+                self.acc[st.slot].zero_()
+                continue
+            st.pending_readback, st.decided, st.row = False, True, int(row)
+            self._remember(st.key, int(row))
+            self.counts["decided"] += 1
+            self.counts["routed"] += int(row >= 0)
+
+    def prepare(self, req_ids: list[str], num_computed: np.ndarray, num_scheduled: np.ndarray,
+                num_prompt: np.ndarray, opted_out: list[bool], keys: list[bytes], live: set[str]) -> None:
+        """Fill this step's buffers from the final batch of the runner (one call per model forward)."""
+        self._read_back()
+        self._release(live)
+        n = len(req_ids)
+        slots = np.empty(n, dtype=np.int64)
+        undecided = np.zeros(n, dtype=bool)
+        decide: list[int] = []
+        need_memory = False
+        for i, rid in enumerate(req_ids):
+            st = self.states.get(rid)
+            start, count, plen = int(num_computed[i]), int(num_scheduled[i]), int(num_prompt[i])
+            if st is None:
+                st = self._alloc(rid, keys[i])
+                if opted_out[i]:
+                    self._set_decided(st, NO_MEMORY)
+                    self.counts["opted_out"] += 1
+                elif start > 0:  # prefix-cache hit: only identical prompts share blocks (salted)
+                    row = self.decisions.get(st.key)
+                    if row is not None:
+                        self._set_decided(st, row)
+                        self.counts["reused"] += 1
+                    else:
+                        self.counts["partial_prefix"] += 1
+                    if row is None and not self.partial_prefix_warned:
+                        self.partial_prefix_warned = True
+                        log.warning("memoir: a request started at token %d with no remembered decision for its "
+                                    "prompt; it is routed from its uncached prompt tokens only", start)
+            slots[i] = st.slot
+            if not st.decided and not st.pending_readback:
+                if st.n_prompt_seen and start != st.next_pos:  # preempted mid-prompt and recomputed: start over
+                    self.acc[st.slot].zero_()
+                    st.n_prompt_seen = 0
+                st.next_pos = start + count
+                undecided[i] = True
+                seen = max(0, min(start + count, plen) - start)
+                st.n_prompt_seen += seen
+                if start + count >= plen:
+                    if st.n_prompt_seen > count:
+                        self.counts["chunked"] += 1
+                    decide.append(st.slot)
+                    self.n_prompt[st.slot] = float(max(st.n_prompt_seen, 1))
+                    st.pending_readback = True
+                    need_memory = True
+            elif st.pending_readback or st.row >= 0:
+                need_memory = True
+        total = int(num_scheduled[:n].sum())
+        if total > self.max_tokens:
+            raise RuntimeError(f"memoir: {total} tokens in one step, buffers hold {self.max_tokens}")
+        per_tok = np.repeat(slots, num_scheduled[:n])  # [T]
+        tok_pos = np.repeat(num_computed[:n], num_scheduled[:n]) + _aranges(num_scheduled[:n])  # [T]
+        tok_plen = np.repeat(num_prompt[:n], num_scheduled[:n])  # [T]
+        tok_und = np.repeat(undecided, num_scheduled[:n])  # [T]
+        self._tok_slot_host[:total] = torch.from_numpy(per_tok)
+        self._tok_slot_host[total:] = NO_MEMORY
+        self._tok_prompt_host[:total] = torch.from_numpy(tok_und & (tok_pos < tok_plen))
+        self._tok_prompt_host[total:] = False
+        self.tok_slot.copy_(self._tok_slot_host, non_blocking=True)
+        self.tok_prompt.copy_(self._tok_prompt_host, non_blocking=True)
+        if decide:
+            self.dec_slots[: len(decide)].copy_(torch.tensor(decide, dtype=torch.int64), non_blocking=True)
+        self.plan = StepPlan(armed=True, num_tokens=total, need_acc=bool(undecided.any()), n_decide=len(decide),
+                             need_memory=need_memory, decided_slots=decide)
+
+
+def _aranges(counts: np.ndarray) -> np.ndarray:
+    """[2, 3] -> [0, 1, 0, 1, 2]."""
+    total = int(counts.sum())
+    if total == 0:
+        return np.zeros(0, dtype=np.int64)
+    ends = np.cumsum(counts)
+    return np.arange(total, dtype=np.int64) - np.repeat(ends - counts, counts)

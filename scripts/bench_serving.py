@@ -1,0 +1,187 @@
+"""Serving throughput and TTFT of one vLLM engine with the memoir memory (1k / 10k edits) vs without.
+
+    PYTHONPATH=. python scripts/bench_serving.py --batches 32 128 --edits 1000 10000 --max-tokens 32 \
+        --out runs/bench_serving.json
+
+The memory is synthesized, not trained: for the 25% of the benchmark prompts that should match,
+their real TopHash masks (computed with the transformers model at the snapshot's layer) are stored
+as edits; the other edits get random k-of-D masks; W_m is small Gaussian noise. Cost in the engine
+is the same as for trained edits (routing and the memory term do not depend on the values).
+Each configuration runs in its own engine process (fresh, same settings: fp32, enforce_eager,
+prefix caching off so repeats measure compute); configurations alternate over --rounds and the best
+round is kept (the machine is shared). Output tokens/s = generated tokens / wall time of
+generate() with every request submitted at once (max_num_seqs = batch); TTFT = wall time of the
+same batch with max_tokens=1 (all requests arrive together, so this is every request's TTFT).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+log = logging.getLogger("bench_serving")
+
+
+def load_prompts(n: int) -> list[str]:
+    """n distinct ZsRE questions ($MEMOIR_DATA/zsre), else the packaged background texts."""
+    data = Path(os.environ.get("MEMOIR_DATA", REPO.parent / "shared" / "data")) / "zsre" / "zsre_mend_edit.json"
+    if data.exists():
+        seen, out = set(), []
+        for r in json.loads(data.read_text()):
+            if r["src"] not in seen:
+                seen.add(r["src"])
+                out.append(r["src"])
+            if len(out) == n:
+                return out
+    from memoir_vllm.session import builtin_background
+
+    texts = builtin_background()
+    return [texts[i % len(texts)] + f" ({i})" for i in range(n)]
+
+
+def synth_snapshot(out: Path, n_edits: int, match_prompts: list[str], tau: float, seed: int = 0) -> Path:
+    """A snapshot with n_edits masks: the real masks of match_prompts first, random ones after."""
+    import torch
+
+    from memoir_vllm.config import default_config
+    from memoir_vllm.editor import compute_background
+    from memoir_vllm.hf import attach, capturing, down_proj_path, model_dims
+    from memoir_vllm.memory import ResidualMemory
+    from memoir_vllm.models import load_model, model_identity
+    from memoir_vllm.session import builtin_background
+    from memoir_vllm.snapshot import EditRecord, save_snapshot
+    from memoir_vllm.tokens import encode_prompts
+
+    model, tok = load_model("default")
+    n_layers, d_model, d_inner = model_dims(model)
+    cfg = default_config(model.config.model_type, n_layers, d_inner, tau=tau).resolved(n_layers, d_inner)
+    memory = ResidualMemory(d_model, d_inner, cfg.k, cfg.tau, cfg.seed, cfg.feature)
+    layer = attach(model, memory, cfg.layer)
+    memory.background.copy_(compute_background(model, tok, layer, builtin_background()[: cfg.n_background]))
+    masks = []
+    for p in match_prompts:  # one at a time: no padding
+        ids, attn = encode_prompts(tok, [p])
+        with capturing(layer), torch.no_grad():
+            model(input_ids=ids, attention_mask=attn, use_cache=False)
+        masks.append(memory.masks_from_acts(layer.captured, attn.bool()))  # [1, k]
+    gen = torch.Generator().manual_seed(seed)
+    n_rand = n_edits - len(masks)
+    rand = torch.rand(n_rand, d_inner, generator=gen).topk(cfg.k, dim=1).indices.sort(dim=1).values  # [n, k]
+    from memoir_vllm.tophash import indices_to_mask
+
+    all_idx = torch.cat(masks + [rand])  # [n_edits, k]
+    memory.index.add(indices_to_mask(all_idx, d_inner), torch.arange(n_edits))
+    with torch.no_grad():
+        memory.weight.normal_(0.0, 1e-3, generator=gen)
+    edits = [EditRecord(match_prompts[i] if i < len(match_prompts) else f"synthetic {i}", "x", "synthetic")
+             for i in range(n_edits)]
+    return save_snapshot(out, memory, cfg, {**model_identity(model), "path": "default"},
+                         down_proj_path(model, cfg.layer), [], edits, keep=1)
+
+
+def run_engine(snapshot: str | None, prompts: list[str], batches: list[int], max_tokens: int, repeats: int) -> dict:
+    """(child process) one engine; every batch size: throughput and TTFT, best of `repeats`."""
+    from vllm import LLM, SamplingParams
+
+    from memoir_vllm.models import default_model_dir
+
+    kw = dict(model=str(default_model_dir()), dtype="float32", max_model_len=256, enforce_eager=True, seed=0,
+              max_num_seqs=max(batches), enable_prefix_caching=False, max_num_batched_tokens=8192)
+    if snapshot:
+        kw.update(hf_overrides={"memoir_snapshot": snapshot},
+                  worker_extension_cls="memoir_vllm.vllm.plugin.MemoirWorkerExtension")
+    llm = LLM(**kw)
+    llm.generate(prompts[:4], SamplingParams(temperature=0, max_tokens=4), use_tqdm=False)  # warm-up
+    out = {}
+    for b in batches:
+        batch = [prompts[i % len(prompts)] for i in range(b)]
+        sp = SamplingParams(temperature=0, max_tokens=max_tokens, ignore_eos=True)
+        tps, ttft = [], []
+        for _ in range(repeats):
+            t0 = time.perf_counter()
+            res = llm.generate(batch, sp, use_tqdm=False)
+            dt = time.perf_counter() - t0
+            tps.append(sum(len(r.outputs[0].token_ids) for r in res) / dt)
+            t0 = time.perf_counter()
+            llm.generate(batch, SamplingParams(temperature=0, max_tokens=1), use_tqdm=False)
+            ttft.append(time.perf_counter() - t0)
+        out[str(b)] = {"tokens_per_s": max(tps), "ttft_s": min(ttft)}
+    if snapshot:
+        out["memoir_info"] = llm.collective_rpc("memoir_info")[0]
+    return out
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--batches", type=int, nargs="+", default=[32, 64, 128, 256])
+    p.add_argument("--edits", type=int, nargs="+", default=[1000, 10000])
+    p.add_argument("--max-tokens", type=int, default=32)
+    p.add_argument("--match", type=float, default=0.25, help="fraction of requests whose prompt matches an edit")
+    p.add_argument("--tau", type=float, default=0.6)
+    p.add_argument("--rounds", type=int, default=2)
+    p.add_argument("--repeats", type=int, default=1)
+    p.add_argument("--out", default="runs/bench_serving.json")
+    p.add_argument("--child", help=argparse.SUPPRESS)
+    args = p.parse_args()
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s", datefmt="%H:%M:%S")
+    n_prompts = max(args.batches)
+    prompts = load_prompts(n_prompts)
+    if args.child:  # child: run one engine config and print JSON
+        spec = json.loads(args.child)
+        print("RESULT " + json.dumps(run_engine(spec["snapshot"], prompts, args.batches, args.max_tokens,
+                                                args.repeats)), flush=True)
+        return
+    work = Path(args.out).parent / "bench_serving_snaps"
+    match = prompts[:: round(1 / args.match)]  # every 4th prompt matches at the default 25%
+    snaps: dict[str, str | None] = {"base": None}
+    for n in args.edits:
+        t0 = time.perf_counter()
+        snaps[f"memoir_{n}"] = str(synth_snapshot(work / f"e{n}", n, match, args.tau))
+        log.info("synthesized %d-edit snapshot in %.1f s", n, time.perf_counter() - t0)
+    env = dict(os.environ, VLLM_TARGET_DEVICE=os.environ.get("VLLM_TARGET_DEVICE", "cpu"),
+               VLLM_CPU_KVCACHE_SPACE=os.environ.get("VLLM_CPU_KVCACHE_SPACE", "2"),
+               PYTHONPATH=os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")]))
+    env.pop("MEMOIR_SNAPSHOT", None)
+    results: dict[str, list[dict]] = {k: [] for k in snaps}
+    for r in range(args.rounds):
+        for name, snap in snaps.items():
+            cmd = [sys.executable, __file__, "--child", json.dumps({"snapshot": snap}), "--batches",
+                   *map(str, args.batches), "--max-tokens", str(args.max_tokens), "--repeats", str(args.repeats)]
+            t0 = time.perf_counter()
+            res = subprocess.run(cmd, env=env, capture_output=True, text=True)
+            line = [x for x in res.stdout.splitlines() if x.startswith("RESULT ")]
+            if res.returncode != 0 or not line:
+                raise RuntimeError(f"{name} engine failed:\n{res.stderr[-3000:]}")
+            results[name].append(json.loads(line[0][7:]))
+            log.info("round %d %s (%.0f s): %s", r, name, time.perf_counter() - t0, line[0][7:300])
+    summary = {}
+    for b in map(str, args.batches):
+        base_tps = max(x[b]["tokens_per_s"] for x in results["base"])
+        base_ttft = min(x[b]["ttft_s"] for x in results["base"])
+        row = {"base_tokens_per_s": base_tps, "base_ttft_s": base_ttft}
+        for name in snaps:
+            if name == "base":
+                continue
+            tps = max(x[b]["tokens_per_s"] for x in results[name])
+            ttft = min(x[b]["ttft_s"] for x in results[name])
+            row[name] = {"tokens_per_s": tps, "ttft_s": ttft, "throughput_ratio": tps / base_tps,
+                         "ttft_ratio": ttft / base_ttft}
+        summary[b] = row
+    report = {"args": vars(args), "n_matching_prompts": len(match), "summary": summary, "raw": results}
+    Path(args.out).write_text(json.dumps(report, indent=2))
+    for b, row in summary.items():
+        for name, v in row.items():
+            if isinstance(v, dict):
+                log.info("batch %s %s: %.1f tok/s vs %.1f base (ratio %.3f), TTFT %.3f s vs %.3f (ratio %.3f)", b, name,
+                         v["tokens_per_s"], row["base_tokens_per_s"], v["throughput_ratio"], v["ttft_s"],
+                         row["base_ttft_s"], v["ttft_ratio"])
+
+
+if __name__ == "__main__":
+    main()

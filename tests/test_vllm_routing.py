@@ -1,0 +1,109 @@
+"""The serving layer's routing and memory op on flattened token batches, without vLLM (pure torch).
+
+Checks memoir_vllm.vllm.routing.Router + layer.memory_term against ResidualMemory's reference
+computation (masks_from_acts -> route -> delta) under continuous batching: prompt in one step
+(exact), prompt in two chunks (decided from all prompt tokens, memory from the deciding chunk on),
+decode steps reusing the decision, opt-out and unmatched requests bit-identical to the base.
+"""
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+from memoir_vllm.memory import ResidualMemory
+from memoir_vllm.vllm.layer import _ROUTERS, memory_term
+from memoir_vllm.vllm.routing import Router
+
+D, DM, K = 64, 16, 16
+
+
+def make_memory(prompts: dict[str, torch.Tensor]) -> ResidualMemory:
+    """A memory whose edits are the TopHash masks of the given prompts' activations."""
+    torch.manual_seed(0)
+    mem = ResidualMemory(DM, D, K, tau=0.7, seed=0)
+    mem.background.copy_(torch.randn(D) * 0.1)
+    for a in prompts.values():
+        mem.add_edit(mem.masks_from_acts(a.unsqueeze(0), torch.ones(1, a.shape[0], dtype=torch.bool))[0])
+    with torch.no_grad():
+        mem.weight.normal_(0, 0.5)
+    return mem
+
+
+def reference(mem: ResidualMemory, prompt_acts: torch.Tensor, acts: torch.Tensor) -> torch.Tensor:
+    """Memory term for tokens acts [T, D] of a request whose prompt activations are prompt_acts [P, D]."""
+    idx = mem.masks_from_acts(prompt_acts.unsqueeze(0), torch.ones(1, prompt_acts.shape[0], dtype=torch.bool))
+    row, _, _ = mem.route(idx)
+    if row[0] < 0:
+        return torch.zeros(acts.shape[0], DM)
+    masks = mem.index.masks(row)
+    return mem.delta(acts.unsqueeze(0), masks, mem.index.shards[row])[0]
+
+
+def step(router: Router, name: str, reqs: list[tuple[str, int, int, int, bool]], acts: torch.Tensor, live: set[str],
+         keys: list[bytes] | None = None):
+    """One engine step: reqs = (id, num_computed, num_scheduled, prompt_len, opted_out); returns the memory term."""
+    ids = [r[0] for r in reqs]
+    router.prepare(ids, np.array([r[1] for r in reqs]), np.array([r[2] for r in reqs]), np.array([r[3] for r in reqs]),
+                   [r[4] for r in reqs], keys or [r[0].encode() for r in reqs], live)
+    out = torch.zeros(acts.shape[0], DM)
+    memory_term(acts, out, name)
+    return out
+
+
+def test_router_matches_reference_under_continuous_batching():
+    torch.manual_seed(1)
+    p = {name: torch.randn(n, D) for name, n in (("A", 5), ("B", 6), ("C", 4), ("U", 3))}
+    mem = make_memory({"A": p["A"], "B": p["B"], "C": p["C"]})  # U matches nothing
+    router = Router(mem, max_reqs=4, max_tokens=32, dtype=torch.float32, device=torch.device("cpu"))
+    _ROUTERS["t"] = router
+    live = {"A", "B", "C", "U"}
+    # step 1: A whole prompt, B first chunk (4 of 6), C opted out, U whole prompt
+    x1 = torch.cat([p["A"], p["B"][:4], p["C"], p["U"]])
+    o1 = step(router, "t", [("A", 0, 5, 5, False), ("B", 0, 4, 6, False), ("C", 0, 4, 4, True), ("U", 0, 3, 3, False)],
+              x1, live)
+    assert torch.allclose(o1[:5], reference(mem, p["A"], p["A"]), atol=1e-5)  # exact: prompt in one step
+    assert o1[:5].abs().sum() > 0 and (o1[5:] == 0).all()  # A routed; B undecided yet; C opted out; U unmatched
+    # step 2: decode A, B's last chunk (decides from all 6 prompt tokens), decode C and U
+    a2, b2, c2, u2 = torch.randn(1, D), p["B"][4:], torch.randn(1, D), torch.randn(1, D)
+    o2 = step(router, "t", [("A", 5, 1, 5, False), ("B", 4, 2, 6, False), ("C", 4, 1, 4, True), ("U", 3, 1, 3, False)],
+              torch.cat([a2, b2, c2, u2]), live)
+    assert torch.allclose(o2[:1], reference(mem, p["A"], a2), atol=1e-5)
+    assert torch.allclose(o2[1:3], reference(mem, p["B"], b2), atol=1e-5) and o2[1:3].abs().sum() > 0
+    assert (o2[3:] == 0).all()
+    assert router.counts["chunked"] == 1 and router.counts["opted_out"] == 1
+    # step 3: A finished (dropped), B decodes with its decision; a new request reuses A's freed slot
+    live = {"B", "C", "U", "A2"}
+    b3 = torch.randn(1, D)
+    o3 = step(router, "t", [("B", 6, 1, 6, False), ("A2", 0, 5, 5, False)], torch.cat([b3, p["A"]]), live)
+    assert torch.allclose(o3[:1], reference(mem, p["B"], b3), atol=1e-5)
+    assert torch.allclose(o3[1:], reference(mem, p["A"], p["A"]), atol=1e-5)
+    assert "A" not in router.states
+
+
+def test_unrouted_tokens_are_bit_identical_and_warmup_is_a_no_op():
+    torch.manual_seed(2)
+    p = torch.randn(4, D)
+    mem = make_memory({"A": p})
+    router = Router(mem, max_reqs=2, max_tokens=16, dtype=torch.float32, device=torch.device("cpu"))
+    _ROUTERS["u"] = router
+    base = torch.randn(4, DM) * 1e-8 - 0.0
+    out = base.clone()
+    memory_term(p, out, "u")  # not armed: a profiling forward
+    assert torch.equal(out, base)
+    router.prepare(["X"], np.array([0]), np.array([4]), np.array([4]), [True], [b"X"], {"X"})
+    memory_term(p, out, "u")
+    assert torch.equal(out, base)  # opted out: bit-identical, not base + 0
+
+
+def test_prefix_hit_reuses_the_remembered_decision():
+    torch.manual_seed(3)
+    p = torch.randn(6, D)
+    mem = make_memory({"A": p})
+    router = Router(mem, max_reqs=2, max_tokens=16, dtype=torch.float32, device=torch.device("cpu"))
+    _ROUTERS["p"] = router
+    step(router, "p", [("r1", 0, 6, 6, False)], p, {"r1"}, [b"P"])
+    step(router, "p", [("r1", 6, 1, 6, False)], torch.randn(1, D), {"r1"}, [b"P"])  # read back r1's decision
+    # same prompt (same key) again, first 4 tokens cached: only the last 2 run, the decision is reused
+    out = step(router, "p", [("r2", 4, 2, 6, False)], p[4:], {"r2"}, [b"P"])
+    assert router.counts["reused"] == 1
+    assert torch.allclose(out, reference(mem, p, p[4:]), atol=1e-5) and out.abs().sum() > 0
