@@ -36,7 +36,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
     results = run_eval(
         model=args.model, data=args.data, Ts=args.T, out=args.out, limit=args.limit, chunks=args.chunks,
         settings=_core()._settings(args), generative=not args.no_generative, batch_size=args.batch_size,
-        background=read_background(args.background),
+        background=read_background(args.background), resume=args.resume, checkpoint_every=args.checkpoint_every,
     )
     print(markdown_table(results))
     print(f"results: {args.out}/results.json")
@@ -47,7 +47,9 @@ def add_eval(sub) -> None:
     p = sub.add_parser("eval", help="the paper's sequential-editing protocol on ZsRE / hallucination / temporal",
                        description="Pre-edit outputs first; then for each T the first 1000 records are cut into chunks "
                        "of T, each edited from a fresh memory and evaluated after its T edits; metrics are averaged "
-                       "over chunks. Writes results.json, results.md, records_T*.jsonl and plots to --out.")
+                       "over chunks. The largest T runs first and smaller T whose first chunk is its prefix are evaluated on the way "
+                       "(T=100's first chunk is the first 100 edits of T=1000's). Writes results.json, results.md, "
+                       "records_T*.jsonl and plots to --out.")
     p.add_argument("--model", default="default", help="'default' (embedded SmolLM2-135M) or a local HF model directory")
     p.add_argument("--data", required=True, help="zsre | hallucination | temporal | a JSON/JSONL/Parquet file")
     p.add_argument("--T", type=_ints, default=[1, 10, 100], help="comma-separated edits per chunk (default 1,10,100)")
@@ -57,6 +59,11 @@ def add_eval(sub) -> None:
     p.add_argument("--no-generative", action="store_true", help="skip greedy-decoding metrics")
     p.add_argument("--batch-size", type=int, default=16)
     p.add_argument("--background", help="text file of unrelated prompts for the background mean")
+    p.add_argument("--resume", action="store_true",
+                   help="continue the run in --out: finished chunks are kept, an interrupted chunk continues from "
+                   "its last saved state")
+    p.add_argument("--checkpoint-every", type=int, default=50, metavar="N",
+                   help="save each chunk's memory every N edits under --out/state (default 50)")
     p.add_argument("--threads", type=int)
     _core()._add_settings(p)
     p.set_defaults(func=cmd_eval)

@@ -12,17 +12,19 @@ once (`Evaluator`) and only the ResidualMemory is new per chunk.
 """
 from __future__ import annotations
 
+import json
 import logging
 import math
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 from tqdm.auto import tqdm
 
 from memoir_vllm.memory import ResidualMemory
 from memoir_vllm.session import Memoir
+from memoir_vllm.snapshot import latest_version, load_snapshot
 
 from .data import EvalRecord
 from .metrics import exact_match, locality, mean_stderr
@@ -165,16 +167,68 @@ class Evaluator:
                 out[j].update(loc_em=float(t == pre.loc_text[positions[j]]))
 
     def run_chunk(self, records: list[EvalRecord], positions: list[int], pre: PreEdit, ppl: bool = False,
-                  progress: bool = True) -> tuple[list[dict[str, Any]], dict[str, float]]:
-        """Fresh memory, T sequential edits, then evaluate all T. Returns per-edit rows and timings."""
-        m = self.fresh()
-        t0 = time.perf_counter()
-        results = m.edit_many([records[i].edit_request() for i in positions], progress=progress)
+                  progress: bool = True, state: Path | None = None, every: int = 50,
+                  prefixes: dict[int, Callable[[list[dict[str, Any]], dict[str, float]], None]] | None = None,
+                  ) -> tuple[list[dict[str, Any]], dict[str, float]]:
+        """Fresh memory, T sequential edits, then evaluate all T. Returns per-edit rows and timings.
+
+        state: a directory where the chunk saves its memory every `every` edits (a snapshot store plus
+            per-edit stats) and resumes from, so an interrupted chunk continues where it stopped.
+        prefixes: {n: fn(rows, times)}: after the n-th edit, evaluate the first n positions and hand the
+            rows to fn. A T=n chunk over this chunk's first n records is exactly this prefix (the same
+            edits, in the same order, from the same fresh memory), so it need not be run again.
+        """
+        m, stats = self._start(state)
+        prefixes = prefixes or {}
+        if stats:
+            log.info("resuming the chunk after %d of %d edits from %s", len(stats), len(positions), state)
+
+        def after_each(_i: int, res) -> None:
+            stats.append(dict(steps=res.steps, final_loss=res.losses[-1] if res.losses else math.nan,
+                              seconds=res.seconds))
+            n = len(stats)
+            if n in prefixes:
+                t = time.perf_counter()
+                rows = self._evaluated(m, records, positions[:n], pre, ppl, stats)
+                prefixes[n](rows, dict(edit_s=sum(x["seconds"] for x in stats), eval_s=time.perf_counter() - t))
+            if state is not None and n % every == 0 and n < len(positions):
+                _save_state(m, stats, state)
+
+        m.edit_many([records[i].edit_request() for i in positions[len(stats):]], progress=progress,
+                    after_each=after_each)
         t1 = time.perf_counter()
+        rows = self._evaluated(m, records, positions, pre, ppl, stats)
+        return rows, dict(edit_s=sum(x["seconds"] for x in stats), eval_s=time.perf_counter() - t1)
+
+    def _evaluated(self, m: Memoir, records: list[EvalRecord], positions: list[int], pre: PreEdit, ppl: bool,
+                   stats: list[dict[str, float]]) -> list[dict[str, Any]]:
         rows = self.evaluate(m, records, positions, pre, ppl=ppl)
-        for d, res in zip(rows, results):
-            d.update(steps=res.steps, final_loss=res.losses[-1] if res.losses else math.nan)
-        return rows, dict(edit_s=t1 - t0, eval_s=time.perf_counter() - t1)
+        for d, st in zip(rows, stats):
+            d.update(steps=st["steps"], final_loss=st["final_loss"])
+        return rows
+
+    def _start(self, state: Path | None) -> tuple[Memoir, list[dict[str, float]]]:
+        """A fresh memory, or the memory and per-edit stats a chunk saved in `state`."""
+        if state is None or latest_version(state) is None:
+            return self.fresh(), []
+        snap = load_snapshot(state)
+        b = self.base
+        stats = json.loads((Path(state) / STATS).read_text())[: len(snap.edits)]
+        if len(stats) != len(snap.edits):
+            raise ValueError(f"{state}: {len(snap.edits)} saved edits but stats for {len(stats)}; delete {state} "
+                             "to restart this chunk")
+        return Memoir(b.model, b.tok, snap.memory, b.cfg, b.editor.templates, snap.edits, b.model_ref), stats
+
+
+STATS = "edit_stats.json"  # per-edit steps, final loss and seconds of a chunk's saved state
+
+
+def _save_state(m: Memoir, stats: list[dict[str, float]], state: Path) -> None:
+    """Stats first, then the snapshot: a crash between the two leaves extra stats, which _start trims."""
+    from .report import write_json
+
+    write_json(Path(state) / STATS, stats)
+    m.save(state, keep=1)
 
 
 # -- aggregation ----------------------------------------------------------------------------------

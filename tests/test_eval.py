@@ -103,6 +103,36 @@ def test_protocol_end_to_end(evaluator, tmp_path):
 
 
 @pytest.mark.model
+def test_interrupted_eval_resumes_to_the_same_results(evaluator, tmp_path, monkeypatch):
+    from memoir_eval.protocol import Evaluator
+    from memoir_eval.runner import run_eval
+
+    whole = run_eval("default", "zsre", [3], tmp_path / "whole", limit=3, evaluator=evaluator, progress=False)
+
+    real = Evaluator.evaluate
+
+    def crash_at_the_end(self, m, records, positions, pre, ppl=False):
+        if len(positions) == 3:
+            raise KeyboardInterrupt  # the job is killed after its third edit
+        return real(self, m, records, positions, pre, ppl)
+
+    monkeypatch.setattr(Evaluator, "evaluate", crash_at_the_end)
+    with pytest.raises(KeyboardInterrupt):
+        run_eval("default", "zsre", [1, 3], tmp_path / "run", limit=3, evaluator=evaluator, progress=False,
+                 checkpoint_every=1)
+    partial = json.loads((tmp_path / "run" / "results.json").read_text())
+    assert list(partial["runs"]) == ["1"]  # T=1's first chunk was evaluated on the way, after the first edit
+    with pytest.raises(ValueError, match="--resume"):
+        run_eval("default", "zsre", [1, 3], tmp_path / "run", limit=3, evaluator=evaluator, progress=False)
+
+    monkeypatch.setattr(Evaluator, "evaluate", real)
+    resumed = run_eval("default", "zsre", [1, 3], tmp_path / "run", limit=3, evaluator=evaluator, progress=False,
+                       resume=True)
+    assert resumed["runs"]["3"]["metrics"] == whole["runs"]["3"]["metrics"]
+    assert resumed["runs"]["1"]["chunks_run"] == 3
+
+
+@pytest.mark.model
 def test_lm_eval_pack_agrees_with_memoir_eval(evaluator, tmp_path, monkeypatch):
     """The pack's rel/gen/loc equal `memoir eval`'s on the same snapshot and records (within 0.01),
     with tau 0 so that every prompt, unrelated ones too, is routed and locality is not trivially 1."""
