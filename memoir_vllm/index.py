@@ -36,9 +36,13 @@ class MaskIndex(nn.Module):
 
     best_match() answers, for a batch of query masks, the stored mask with the largest overlap
     |M_q & M_i| among active edits, as (ratio = overlap / k, row). Ties go to the lowest row.
+
+    dense_cache_bytes: the masks are also kept unpacked (int8 on CPU, float32 elsewhere) for the
+    overlap GEMM while that takes at most this many bytes (default 2 GiB: 1.4M masks at D=1536 on
+    CPU); beyond it every query batch unpacks the masks again, chunk by chunk (slower, no memory).
     """
 
-    def __init__(self, d_inner: int, k: int, dense_cache_bytes: int = 1 << 30) -> None:
+    def __init__(self, d_inner: int, k: int, dense_cache_bytes: int = 2 << 30) -> None:
         super().__init__()
         self.d_inner, self.k = d_inner, k
         self.dense_cache_bytes = dense_cache_bytes

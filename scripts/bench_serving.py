@@ -9,7 +9,10 @@ as edits; the other edits get random k-of-D masks; W_m is small Gaussian noise. 
 is the same as for trained edits (routing and the memory term do not depend on the values).
 Each configuration runs in its own engine process (fresh, same settings: fp32, enforce_eager,
 prefix caching off so repeats measure compute); configurations alternate over --rounds and the best
-round is kept (the machine is shared). Output tokens/s = generated tokens / wall time of
+round is kept (the machine is shared). Because engines started at different times see different
+machine load, each memoir engine also measures itself with the memory switched off
+(`memoir_enable(False)` puts vLLM's own down_proj back and stops routing) in ABBA order over
+--repeats: `paired_throughput_ratio` is the median of those on/off ratios, the less noisy number. Output tokens/s = generated tokens / wall time of
 generate() with every request submitted at once (max_num_seqs = batch); TTFT = wall time of the
 same batch with max_tokens=1 (all requests arrive together, so this is every request's TTFT).
 """
@@ -99,19 +102,33 @@ def run_engine(snapshot: str | None, prompts: list[str], batches: list[int], max
     llm = LLM(**kw)
     llm.generate(prompts[:4], SamplingParams(temperature=0, max_tokens=4), use_tqdm=False)  # warm-up
     out = {}
+
+    def measure(batch: list[str]) -> tuple[float, float]:
+        t0 = time.perf_counter()
+        res = llm.generate(batch, SamplingParams(temperature=0, max_tokens=max_tokens, ignore_eos=True), use_tqdm=False)
+        tps = sum(len(r.outputs[0].token_ids) for r in res) / (time.perf_counter() - t0)
+        t0 = time.perf_counter()
+        llm.generate(batch, SamplingParams(temperature=0, max_tokens=1), use_tqdm=False)
+        return tps, time.perf_counter() - t0
+
     for b in batches:
         batch = [prompts[i % len(prompts)] for i in range(b)]
-        sp = SamplingParams(temperature=0, max_tokens=max_tokens, ignore_eos=True)
-        tps, ttft = [], []
-        for _ in range(repeats):
-            t0 = time.perf_counter()
-            res = llm.generate(batch, sp, use_tqdm=False)
-            dt = time.perf_counter() - t0
-            tps.append(sum(len(r.outputs[0].token_ids) for r in res) / dt)
-            t0 = time.perf_counter()
-            llm.generate(batch, SamplingParams(temperature=0, max_tokens=1), use_tqdm=False)
-            ttft.append(time.perf_counter() - t0)
-        out[str(b)] = {"tokens_per_s": max(tps), "ttft_s": min(ttft)}
+        if not snapshot:
+            runs = [measure(batch) for _ in range(repeats)]
+            out[str(b)] = {"tokens_per_s": max(x[0] for x in runs), "ttft_s": min(x[1] for x in runs)}
+            continue
+        # paired: the same engine with the memory on and switched off (memoir_enable), in ABBA order
+        on, off = [], []
+        for r in range(repeats):
+            for enabled in ((True, False) if r % 2 == 0 else (False, True)):
+                llm.collective_rpc("memoir_enable", args=(enabled,))
+                (on if enabled else off).append(measure(batch))
+        llm.collective_rpc("memoir_enable", args=(True,))
+        ratios = sorted(a[0] / o[0] for a, o in zip(on, off))
+        out[str(b)] = {"tokens_per_s": max(x[0] for x in on), "ttft_s": min(x[1] for x in on),
+                       "off_tokens_per_s": max(x[0] for x in off), "off_ttft_s": min(x[1] for x in off),
+                       "paired_throughput_ratios": ratios, "paired_throughput_ratio": ratios[len(ratios) // 2],
+                       "paired_ttft_ratio": sorted(a[1] / o[1] for a, o in zip(on, off))[len(on) // 2]}
     if snapshot:
         out["memoir_info"] = llm.collective_rpc("memoir_info")[0]
     return out
@@ -125,7 +142,7 @@ def main() -> None:
     p.add_argument("--match", type=float, default=0.25, help="fraction of requests whose prompt matches an edit")
     p.add_argument("--tau", type=float, default=0.6)
     p.add_argument("--rounds", type=int, default=2)
-    p.add_argument("--repeats", type=int, default=1)
+    p.add_argument("--repeats", type=int, default=4, help="paired on/off measurements per batch (ABBA order)")
     p.add_argument("--out", default="runs/bench_serving.json")
     p.add_argument("--child", help=argparse.SUPPRESS)
     args = p.parse_args()
@@ -170,17 +187,21 @@ def main() -> None:
                 continue
             tps = max(x[b]["tokens_per_s"] for x in results[name])
             ttft = min(x[b]["ttft_s"] for x in results[name])
+            paired = sorted(x[b]["paired_throughput_ratio"] for x in results[name])
             row[name] = {"tokens_per_s": tps, "ttft_s": ttft, "throughput_ratio": tps / base_tps,
-                         "ttft_ratio": ttft / base_ttft}
+                         "ttft_ratio": ttft / base_ttft, "paired_throughput_ratio": paired[len(paired) // 2],
+                         "paired_ttft_ratio": sorted(x[b]["paired_ttft_ratio"] for x in results[name])[len(paired) // 2],
+                         "memory_off_tokens_per_s": max(x[b]["off_tokens_per_s"] for x in results[name])}
         summary[b] = row
     report = {"args": vars(args), "n_matching_prompts": len(match), "summary": summary, "raw": results}
     Path(args.out).write_text(json.dumps(report, indent=2))
     for b, row in summary.items():
         for name, v in row.items():
             if isinstance(v, dict):
-                log.info("batch %s %s: %.1f tok/s vs %.1f base (ratio %.3f), TTFT %.3f s vs %.3f (ratio %.3f)", b, name,
-                         v["tokens_per_s"], row["base_tokens_per_s"], v["throughput_ratio"], v["ttft_s"],
-                         row["base_ttft_s"], v["ttft_ratio"])
+                log.info("batch %s %s: %.1f tok/s vs %.1f base engine (ratio %.3f), paired on/off ratio %.3f; "
+                         "TTFT %.3f s vs %.3f (ratio %.3f), paired %.3f", b, name, v["tokens_per_s"],
+                         row["base_tokens_per_s"], v["throughput_ratio"], v["paired_throughput_ratio"], v["ttft_s"],
+                         row["base_ttft_s"], v["ttft_ratio"], v["paired_ttft_ratio"])
 
 
 if __name__ == "__main__":

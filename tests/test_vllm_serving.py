@@ -98,8 +98,8 @@ def run_engine(tmp_path: Path, engine: dict, steps: list[dict], env: dict[str, s
 
 
 def engine_kwargs(model_dir, **kw) -> dict:
-    return dict(model=str(model_dir), dtype="float32", max_model_len=256, enforce_eager=True, seed=0,
-                block_size=32, enable_prefix_caching=True, **kw)
+    return dict(dict(model=str(model_dir), dtype="float32", max_model_len=256, enforce_eager=True, seed=0,
+                     block_size=32, enable_prefix_caching=True), **kw)
 
 
 @pytest.fixture(scope="module")
@@ -119,6 +119,15 @@ def inproc(served, default_model_dir, tmp_path_factory):
         {"op": "rpc", "method": "memoir_set_tau", "args": [1.0]},
         {"op": "reset_prefix_cache"},
         {"op": "generate", "prompts": edited[1:], "max_tokens": [8, 8]},
+        {"op": "rpc", "method": "memoir_enable", "args": [False]},  # vLLM's own layer back, no routing
+        {"op": "reset_prefix_cache"},
+        {"op": "generate", "prompts": edited[1:], "max_tokens": [8, 8]},
+        {"op": "rpc", "method": "memoir_enable", "args": [True]},
+        {"op": "reset_prefix_cache"},
+        {"op": "generate", "prompts": edited[1:], "max_tokens": [8, 8]},
+        {"op": "rpc", "method": "memoir_load_snapshot", "args": [str(snap)]},  # back to the saved tau, all active
+        {"op": "reset_prefix_cache"},
+        {"op": "generate", "prompts": PROMPTS, "max_tokens": MAX_TOKENS},
     ]
     kw = engine_kwargs(default_model_dir, max_num_seqs=3, hf_overrides={"memoir_snapshot": str(snap)},
                        worker_extension_cls="memoir_vllm.vllm.plugin.MemoirWorkerExtension")
@@ -170,6 +179,30 @@ def test_runtime_updates_through_collective_rpc(served, inproc):
     finally:
         m.set_tau(tau)
     assert [_strip(t, eos) for t in inproc[9]] == want
+    assert inproc[10] == [False] and inproc[13] == [True]
+    assert [_strip(t, eos) for t in inproc[12]] == hf_tokens(m, edited[1:], [8, 8], use_memory=False)
+    assert [_strip(t, eos) for t in inproc[15]] == want  # switched on again: the same memory
+    assert inproc[16][0]["n_active"] == 3 and inproc[16][0]["tau"] == m.memory.tau
+    assert [_strip(t, eos) for t in inproc[18]] == [_strip(t, eos) for t in inproc[1]]  # the reloaded snapshot
+
+
+def test_preemption_keeps_each_requests_routing(served, default_model_dir, tmp_path):
+    """KV space for 4 blocks of 32 tokens and 3 requests of up to 3 blocks each: the scheduler preempts
+    running requests and recomputes them later; each keeps the decision made from its prompt."""
+    _, m = served
+    snap, _ = served
+    max_tokens = [40] * len(PROMPTS)
+    kw = engine_kwargs(default_model_dir, max_num_seqs=3, max_model_len=96, num_gpu_blocks_override=4,
+                       hf_overrides={"memoir_snapshot": str(snap)},
+                       worker_extension_cls="memoir_vllm.vllm.plugin.MemoirWorkerExtension")
+    res = run_engine(tmp_path, kw, [{"op": "generate", "prompts": PROMPTS, "max_tokens": max_tokens},
+                                    {"op": "rpc", "method": "memoir_info"}],
+                     env={"VLLM_ENABLE_V1_MULTIPROCESSING": "0"})
+    info = res[2][0]
+    assert info["recomputed"] >= 1, info  # preemption happened
+    assert info["chunked"] == 0, info
+    eos = m.tok.eos_token_id
+    assert [_strip(t, eos) for t in res[1]] == hf_tokens(m, PROMPTS, max_tokens)
 
 
 def test_default_multiprocess_engine_with_env_snapshot(served, default_model_dir, tmp_path):

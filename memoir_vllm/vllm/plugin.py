@@ -184,6 +184,7 @@ def attach_snapshot(runner: Any, path: str) -> None:
     wrapped = MemoirDownProj(base, router, module_path)
     setattr(parent, child, wrapped)
     runner._memoir_router = router
+    runner._memoir_slot = (parent, child, wrapped, base)  # where memoir_enable() swaps the layer
     runner._memoir_snapshot = str(snap.path)
     log.info("memoir: %s attached at %s (%d edits, %d active, tau %.3f)", snap.path, module_path,
              memory.n_edits, memory.index.n_active, memory.tau)
@@ -235,8 +236,28 @@ class MemoirWorkerExtension:
     def _memoir_router(self):
         router = getattr(self.model_runner, "_memoir_router", None)
         if router is None:
+            if getattr(self.model_runner, "_memoir_slot", None) is not None:
+                raise RuntimeError("memoir: the memory is switched off; call memoir_enable(True) first")
             raise RuntimeError("memoir: this engine has no snapshot attached (set MEMOIR_SNAPSHOT or hf_overrides)")
         return router
+
+    def memoir_enable(self, enabled: bool) -> bool:
+        """Switch the memory off (the base down_proj is put back and no routing runs: plain vLLM's
+        computation and cost) or on again. Returns the new state. Switch while the engine is idle: a
+        request that runs across a switch gets the memory only for its steps while it is on.
+        Call `llm.reset_prefix_cache()` after switching, so no KV computed in the other state is reused."""
+        runner = self.model_runner
+        slot = getattr(runner, "_memoir_slot", None)
+        if slot is None:
+            raise RuntimeError("memoir: this engine has no snapshot attached (set MEMOIR_SNAPSHOT or hf_overrides)")
+        parent, child, wrapped, base = slot
+        if enabled:
+            setattr(parent, child, wrapped)
+            runner._memoir_router = wrapped.router
+            return True
+        setattr(parent, child, base)
+        runner._memoir_router = None
+        return False
 
     def memoir_info(self) -> dict:
         """Snapshot path, edit counts and tau of the attached memory."""
@@ -259,7 +280,8 @@ class MemoirWorkerExtension:
         return r.memory.index.n_active
 
     def memoir_load_snapshot(self, path: str) -> dict:
-        """Replace the attached memory by another snapshot for the same model and layer."""
+        """Replace the attached memory by another snapshot for the same model and layer (best while idle:
+        requests in flight finish on the base model)."""
         from ..snapshot import check_model, load_snapshot
 
         r = self._memoir_router()
@@ -267,8 +289,7 @@ class MemoirWorkerExtension:
         check_model(snap.manifest, served_model_identity(self.model_runner.vllm_config), snap.manifest["module"])
         if (snap.memory.d_model, snap.memory.d_inner) != (r.memory.d_model, r.memory.d_inner):
             raise ValueError("memoir: the new snapshot has other dimensions than the attached one")
-        if r.states:
-            raise RuntimeError("memoir: requests are in flight; load a new snapshot when the engine is idle")
+        r.detach_requests()  # requests in flight (if any) finish on the base model
         memory = snap.memory.to(r.device)
         memory.weight.data = memory.weight.data.to(r.dtype)
         r.memory = memory

@@ -91,7 +91,8 @@ class Router:
         self.cache_size = cache_size
         self.plan = StepPlan()
         self.partial_prefix_warned = False
-        self.counts = {"decided": 0, "routed": 0, "reused": 0, "opted_out": 0, "partial_prefix": 0, "chunked": 0}
+        self.counts = {"decided": 0, "routed": 0, "reused": 0, "opted_out": 0, "partial_prefix": 0, "chunked": 0,
+                       "recomputed": 0}
 
     # -- slots -------------------------------------------------------------------------------------
 
@@ -156,6 +157,13 @@ class Router:
         """Forget cached per-prompt decisions (after tau, edits or the snapshot changed)."""
         self.decisions.clear()
 
+    def detach_requests(self) -> None:
+        """Serve every request the router knows of with the base model from now on (after the memory
+        was replaced, their decisions name rows of the old index)."""
+        for st in self.states.values():
+            self._set_decided(st, NO_MEMORY)
+            st.pending_readback = False
+
     # -- per step ----------------------------------------------------------------------------------
 
     def _read_back(self) -> None:
@@ -204,11 +212,12 @@ class Router:
                         log.warning("memoir: a request started at token %d with no remembered decision for its "
                                     "prompt; it is routed from its uncached prompt tokens only", start)
             slots[i] = st.slot
+            if start < st.next_pos:  # preempted, now recomputed from its start (or from cached blocks)
+                self.counts["recomputed"] += 1
             if not st.decided and not st.pending_readback:
                 if st.n_prompt_seen and start != st.next_pos:  # preempted mid-prompt and recomputed: start over
                     self.acc[st.slot].zero_()
                     st.n_prompt_seen = 0
-                st.next_pos = start + count
                 undecided[i] = True
                 seen = max(0, min(start + count, plen) - start)
                 st.n_prompt_seen += seen
@@ -221,6 +230,7 @@ class Router:
                     need_memory = True
             elif st.pending_readback or st.row >= 0:
                 need_memory = True
+            st.next_pos = start + count
         total = int(num_scheduled[:n].sum())
         if total > self.max_tokens:
             raise RuntimeError(f"memoir: {total} tokens in one step, buffers hold {self.max_tokens}")
