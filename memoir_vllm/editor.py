@@ -82,6 +82,16 @@ def target_loss(logits: torch.Tensor, batch: PairBatch) -> torch.Tensor:
     return ((ce * tmask).sum(1) / (tmask.sum(1) + 1)).mean()
 
 
+def converged(losses: list[float], cfg: MemoirConfig) -> bool:
+    """The early stop after the losses so far: loss <= stop_loss and, under the reference rule,
+    |last change| <= stop_delta too."""
+    if not losses or losses[-1] > cfg.stop_loss:
+        return False
+    if cfg.stop_rule == "loss":
+        return True
+    return len(losses) >= 2 and abs(losses[-1] - losses[-2]) <= cfg.stop_delta
+
+
 class SequentialEditor:
     """Writes edits one after another into a ResidualMemory attached to `model`.
 
@@ -125,7 +135,7 @@ class SequentialEditor:
         )
         losses = result.losses
         for _ in range(self.cfg.n_iter):
-            if len(losses) >= 2 and abs(losses[-1] - losses[-2]) <= self.cfg.stop_delta and losses[-1] <= self.cfg.stop_loss:
+            if converged(losses, self.cfg):
                 break
             opt.zero_grad(set_to_none=True)
             loss = step_fn()

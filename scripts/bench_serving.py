@@ -22,6 +22,7 @@ import argparse
 import json
 import logging
 import os
+import statistics
 import subprocess
 import sys
 import time
@@ -124,11 +125,11 @@ def run_engine(snapshot: str | None, prompts: list[str], batches: list[int], max
                 llm.collective_rpc("memoir_enable", args=(enabled,))
                 (on if enabled else off).append(measure(batch))
         llm.collective_rpc("memoir_enable", args=(True,))
-        ratios = sorted(a[0] / o[0] for a, o in zip(on, off))
+        ratios = [a[0] / o[0] for a, o in zip(on, off)]
         out[str(b)] = {"tokens_per_s": max(x[0] for x in on), "ttft_s": min(x[1] for x in on),
                        "off_tokens_per_s": max(x[0] for x in off), "off_ttft_s": min(x[1] for x in off),
-                       "paired_throughput_ratios": ratios, "paired_throughput_ratio": ratios[len(ratios) // 2],
-                       "paired_ttft_ratio": sorted(a[1] / o[1] for a, o in zip(on, off))[len(on) // 2]}
+                       "paired_throughput_ratios": ratios, "paired_throughput_ratio": statistics.median(ratios),
+                       "paired_ttft_ratio": statistics.median(a[1] / o[1] for a, o in zip(on, off))}
     if snapshot:
         out["memoir_info"] = llm.collective_rpc("memoir_info")[0]
     return out
@@ -187,10 +188,10 @@ def main() -> None:
                 continue
             tps = max(x[b]["tokens_per_s"] for x in results[name])
             ttft = min(x[b]["ttft_s"] for x in results[name])
-            paired = sorted(x[b]["paired_throughput_ratio"] for x in results[name])
-            row[name] = {"tokens_per_s": tps, "ttft_s": ttft, "throughput_ratio": tps / base_tps,
-                         "ttft_ratio": ttft / base_ttft, "paired_throughput_ratio": paired[len(paired) // 2],
-                         "paired_ttft_ratio": sorted(x[b]["paired_ttft_ratio"] for x in results[name])[len(paired) // 2],
+            # median over every paired on/off measurement of every round
+            row[name] = {"tokens_per_s": tps, "ttft_s": ttft, "throughput_ratio": tps / base_tps, "ttft_ratio": ttft / base_ttft,
+                         "paired_throughput_ratio": statistics.median(r for x in results[name] for r in x[b]["paired_throughput_ratios"]),
+                         "paired_ttft_ratio": statistics.median(x[b]["paired_ttft_ratio"] for x in results[name]),
                          "memory_off_tokens_per_s": max(x[b]["off_tokens_per_s"] for x in results[name])}
         summary[b] = row
     report = {"args": vars(args), "n_matching_prompts": len(match), "summary": summary, "raw": results}

@@ -30,7 +30,7 @@ SETTINGS = {
     "sgd_lr3": dict(optimizer="sgd", lr=3.0),
     "sgd_lr10": dict(optimizer="sgd", lr=10.0),
     # stop as soon as loss <= stop_loss (the reference also needs |loss change| <= 1e-4, which lr 10 rarely meets)
-    "sgd_lr10_stop_at_loss": dict(optimizer="sgd", lr=10.0, stop_delta=float("inf")),
+    "sgd_lr10_stop_at_loss": dict(optimizer="sgd", lr=10.0, stop_rule="loss"),
     "sgd_lr30": dict(optimizer="sgd", lr=30.0),
     "adam_lr1e-2": dict(optimizer="adam", lr=1e-2, grad_clip=0.0, weight_decay=0.0),
 }

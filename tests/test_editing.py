@@ -3,7 +3,8 @@ batches route each row like one-at-a-time, and snapshots reproduce outputs exact
 import pytest
 import torch
 
-from memoir_vllm.editor import SequentialEditor, target_loss
+from memoir_vllm.config import MemoirConfig
+from memoir_vllm.editor import SequentialEditor, converged, target_loss
 from memoir_vllm.hf import routed
 from memoir_vllm.inference import generate, score
 from memoir_vllm.session import Memoir
@@ -103,3 +104,13 @@ def test_reference_loss_normalises_by_n_target_plus_one():
     )
     assert target_loss(logits, b).item() == pytest.approx(2 * torch.log(torch.tensor(4.0)).item() / 3)
 
+
+
+def test_early_stop_rules():
+    reference, loss_only = MemoirConfig(), MemoirConfig(stop_rule="loss")
+    assert not converged([0.5, 0.03], reference) and not converged([0.5, 0.03], loss_only)
+    assert not converged([0.03, 0.019], reference)  # low enough, but still moving by more than 1e-4
+    assert converged([0.03, 0.019], loss_only)
+    assert converged([0.01905, 0.019], reference)
+    with pytest.raises(ValueError, match="stop_rule"):
+        MemoirConfig(stop_rule="never")
