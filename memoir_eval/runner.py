@@ -8,6 +8,8 @@ import time
 from pathlib import Path
 from typing import Any
 
+from memoir_vllm.config import MemoirConfig
+
 from .data import load_records, resolve_data
 from .protocol import Evaluator, PreEdit, chunk_positions, summarize
 from .report import markdown_table, plot, write_json, write_text
@@ -104,6 +106,8 @@ def run_eval(
 def _resumed(out: Path, fresh: dict[str, Any], plans: dict) -> tuple[dict[str, Any], dict[int, list]]:
     """The results and per-chunk rows of an interrupted run in out, checked against this run's setup."""
     old = json.loads((out / "results.json").read_text())
+    # a run saved before a setting existed has that setting's default
+    old["config"] = MemoirConfig.from_dict(old.get("config", {})).to_dict()
     for key in ("data_file", "n_records", "config", "generative"):
         if old.get(key) != fresh[key]:
             raise ValueError(f"cannot resume {out}: its {key} was {old.get(key)!r}, this run's is {fresh[key]!r}. "

@@ -132,6 +132,21 @@ def test_interrupted_eval_resumes_to_the_same_results(evaluator, tmp_path, monke
     assert resumed["runs"]["1"]["chunks_run"] == 3
 
 
+def test_resume_accepts_a_run_saved_before_a_setting_existed(tmp_path):
+    from memoir_eval.runner import _resumed
+    from memoir_vllm.config import MemoirConfig
+
+    cfg = MemoirConfig(layer=25, k=439).to_dict()
+    old = dict(data_file="z.json", n_records=3, generative=True, runs={},
+               config={k: v for k, v in cfg.items() if k != "stop_rule"})  # written by an older memoir
+    (tmp_path / "results.json").write_text(json.dumps(old))
+    fresh = dict(old, config=cfg)
+    results, done = _resumed(tmp_path, fresh, {3: ([[0, 1, 2]], 1)})
+    assert done == {3: []} and results["runs"] == {}
+    with pytest.raises(ValueError, match="config"):
+        _resumed(tmp_path, dict(fresh, config=dict(cfg, lr=3.0)), {3: ([[0, 1, 2]], 1)})
+
+
 @pytest.mark.model
 def test_lm_eval_pack_agrees_with_memoir_eval(evaluator, tmp_path, monkeypatch):
     """The pack's rel/gen/loc equal `memoir eval`'s on the same snapshot and records (within 0.01),
