@@ -84,7 +84,7 @@ class Evaluator:
         m, pre = self.base, PreEdit()
         recs = [records[i] for i in positions]
         sc = score_rows(m, [r.prompt for r in recs], [r.target for r in recs], use_memory=False, want_ppl=ppl,
-                        batch_size=self.batch_size)
+                        batch_size=self.batch_size, desc="pre-edit: edit prompts")
         for j, i in enumerate(positions):
             pre.rel[i] = sc.acc[j]
             if ppl:
@@ -92,23 +92,24 @@ class Evaluator:
         para = [i for i in positions if records[i].rephrase]
         if para:
             sc = score_rows(m, [records[i].rephrase for i in para], [records[i].target for i in para],
-                            use_memory=False, batch_size=self.batch_size)
+                            use_memory=False, batch_size=self.batch_size, desc="pre-edit: paraphrases")
             pre.gen.update(zip(para, sc.acc))
         loc = [i for i in positions if records[i].has_loc]
         if loc:
             sc = score_rows(m, [records[i].loc_prompt for i in loc], [records[i].loc_answer for i in loc],
-                            use_memory=False, batch_size=self.batch_size)
+                            use_memory=False, batch_size=self.batch_size, desc="pre-edit: unrelated")
             pre.loc_pred.update(zip(loc, sc.pred))
             if self.generative:
                 lp = [records[i].loc_prompt for i in loc]
                 n = target_lengths(m.tok, lp, [records[i].loc_answer for i in loc])
                 # one prompt per forward: padding changes float sums, and greedy text must match bit for bit
-                texts, _ = generate_rows(m, lp, [min(x, 32) for x in n], use_memory=False, batch_size=1)
+                texts, _ = generate_rows(m, lp, [min(x, 32) for x in n], use_memory=False, batch_size=1,
+                                         desc="pre-edit: unrelated, greedy")
                 pre.loc_text.update(zip(loc, texts))
         if self.generative:
             n = target_lengths(m.tok, [r.prompt for r in recs], [r.target for r in recs])
             texts, _ = generate_rows(m, [r.prompt for r in recs], [x + GEN_EXTRA_TOKENS for x in n], use_memory=False,
-                                     batch_size=self.batch_size)
+                                     batch_size=self.batch_size, desc="pre-edit: edit prompts, greedy")
             pre.rel_em.update({i: exact_match(t, records[i].target) for i, t in zip(positions, texts)})
         return pre
 
@@ -123,7 +124,8 @@ class Evaluator:
         recs = [records[i] for i in positions]
         bs = self.batch_size
         out: list[dict[str, Any]] = [dict(record=i) for i in positions]
-        rel = score_rows(m, [r.prompt for r in recs], [r.target for r in recs], want_ppl=ppl, batch_size=bs)
+        rel = score_rows(m, [r.prompt for r in recs], [r.target for r in recs], want_ppl=ppl, batch_size=bs,
+                         desc="eval: edit prompts")
         for j, d in enumerate(out):
             d.update(rel=rel.acc[j], edit_overlap=rel.ratio[j], edit_routed_right=rel.row[j] == j,
                      pre_rel=pre.rel.get(positions[j]))
@@ -131,13 +133,15 @@ class Evaluator:
                 d.update(rel_ppl=rel.ppl[j], pre_rel_ppl=pre.rel_ppl.get(positions[j]))
         para = [j for j, r in enumerate(recs) if r.rephrase]
         if para:
-            sc = score_rows(m, [recs[j].rephrase for j in para], [recs[j].target for j in para], batch_size=bs)
+            sc = score_rows(m, [recs[j].rephrase for j in para], [recs[j].target for j in para], batch_size=bs,
+                            desc="eval: paraphrases")
             for n, j in enumerate(para):
                 out[j].update(gen=sc.acc[n], para_overlap=sc.ratio[n], para_routed_right=sc.row[n] == j,
                               para_best_is_own=sc.best[n] == j, pre_gen=pre.gen.get(positions[j]))
         loc = [j for j, r in enumerate(recs) if r.has_loc]
         if loc:
-            sc = score_rows(m, [recs[j].loc_prompt for j in loc], [recs[j].loc_answer for j in loc], batch_size=bs)
+            sc = score_rows(m, [recs[j].loc_prompt for j in loc], [recs[j].loc_answer for j in loc], batch_size=bs,
+                            desc="eval: unrelated")
             for n, j in enumerate(loc):
                 out[j].update(loc=locality(sc.pred[n], pre.loc_pred[positions[j]]), loc_overlap=sc.ratio[n],
                               loc_routed=sc.row[n] >= 0)
@@ -151,18 +155,20 @@ class Evaluator:
         and whether the loc prompt's continuation is unchanged from the unedited model's."""
         bs = self.batch_size
         n = target_lengths(m.tok, [r.prompt for r in recs], [r.target for r in recs])
-        texts, _ = generate_rows(m, [r.prompt for r in recs], [x + GEN_EXTRA_TOKENS for x in n], batch_size=bs)
+        texts, _ = generate_rows(m, [r.prompt for r in recs], [x + GEN_EXTRA_TOKENS for x in n], batch_size=bs,
+                                 desc="eval: edit prompts, greedy")
         for j, t in enumerate(texts):
             out[j].update(rel_em=exact_match(t, recs[j].target), pre_rel_em=pre.rel_em.get(positions[j]), rel_text=t)
         if para:
             texts, _ = generate_rows(m, [recs[j].rephrase for j in para], [n[j] + GEN_EXTRA_TOKENS for j in para],
-                                     batch_size=bs)
+                                     batch_size=bs, desc="eval: paraphrases, greedy")
             for j, t in zip(para, texts):
                 out[j].update(gen_em=exact_match(t, recs[j].target), gen_text=t)
         if loc:
             lp = [recs[j].loc_prompt for j in loc]
             nl = target_lengths(m.tok, lp, [recs[j].loc_answer for j in loc])
-            texts, _ = generate_rows(m, lp, [min(x, 32) for x in nl], batch_size=1)  # as pre_edit
+            texts, _ = generate_rows(m, lp, [min(x, 32) for x in nl], batch_size=1,
+                                     desc="eval: unrelated, greedy")  # as pre_edit
             for j, t in zip(loc, texts):
                 out[j].update(loc_em=float(t == pre.loc_text[positions[j]]))
 

@@ -30,12 +30,13 @@ def retention(m, limit: int | None = None, batch_size: int = 16) -> dict[str, An
     out: dict[str, Any] = dict(n_edits=m.memory.n_edits, tau=m.memory.tau)
     nq = [r for r in load_records("zsre", limit=limit) if r.has_loc]
     args = ([r.loc_prompt for r in nq], [r.loc_answer for r in nq])
-    on = score_rows(m, *args, use_memory=True, batch_size=batch_size)
-    off = score_rows(m, *args, use_memory=False, batch_size=batch_size)
+    on = score_rows(m, *args, use_memory=True, batch_size=batch_size, desc="NQ, memory on")
+    off = score_rows(m, *args, use_memory=False, batch_size=batch_size, desc="NQ, memory off")
     out["nq_accuracy"] = _paired(on.acc, off.acc) | dict(routed=sum(r >= 0 for r in on.row) / len(nq))
     text = [r for r in load_records("hallucination-train", limit=limit) if r.has_loc]
     args = ([r.loc_prompt for r in text], [r.loc_answer for r in text])
-    on = score_rows(m, *args, use_memory=True, want_ppl=True, batch_size=batch_size)
-    off = score_rows(m, *args, use_memory=False, want_ppl=True, batch_size=batch_size)
+    on = score_rows(m, *args, use_memory=True, want_ppl=True, batch_size=batch_size, desc="text PPL, memory on")
+    off = score_rows(m, *args, use_memory=False, want_ppl=True, batch_size=batch_size,
+                     desc="text PPL, memory off")
     out["unrelated_ppl"] = _paired(on.ppl, off.ppl) | dict(routed=sum(r >= 0 for r in on.row) / len(text))
     return out

@@ -8,6 +8,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 import torch
+from tqdm.auto import tqdm
 
 from memoir_vllm.inference import generate, score
 from memoir_vllm.tokens import pair_ids
@@ -33,12 +34,21 @@ def _routing_lists(routing, n: int) -> tuple[list[float], list[int], list[int]]:
     return routing.ratio.tolist(), routing.row.tolist(), routing.best.tolist()
 
 
+def _batches(n: int, batch_size: int, desc: str):
+    """Batch start offsets, with a progress bar (in rows) when there are more than 8 batches."""
+    bar = tqdm(total=n, desc=desc, unit="row", leave=False, disable=n <= 8 * batch_size)
+    for s in range(0, n, batch_size):
+        yield s
+        bar.update(min(batch_size, n - s))
+    bar.close()
+
+
 @torch.no_grad()
 def score_rows(m, prompts: list[str], targets: list[str], use_memory: bool = True, want_ppl: bool = False,
-               batch_size: int = 16) -> RowScores:
+               batch_size: int = 16, desc: str = "scoring") -> RowScores:
     """Teacher-forced scores of 'prompt target' rows, each routed from its own prompt tokens."""
     out = RowScores()
-    for s in range(0, len(prompts), batch_size):
+    for s in _batches(len(prompts), batch_size, desc):
         p, t = prompts[s : s + batch_size], targets[s : s + batch_size]
         sc = score(m.model, m.tok, m.layer, p, t, use_memory=use_memory, keep_logits=want_ppl)
         out.acc += sc.token_acc
@@ -58,11 +68,11 @@ def score_rows(m, prompts: list[str], targets: list[str], use_memory: bool = Tru
 
 @torch.no_grad()
 def generate_rows(m, prompts: list[str], n_tokens: list[int], use_memory: bool = True,
-                  batch_size: int = 16) -> tuple[list[str], list[int]]:
+                  batch_size: int = 16, desc: str = "generating") -> tuple[list[str], list[int]]:
     """Greedy continuations (n_tokens[i] new tokens for row i, batched by the maximum) and matched rows."""
     texts: list[str] = []
     rows: list[int] = []
-    for s in range(0, len(prompts), batch_size):
+    for s in _batches(len(prompts), batch_size, desc):
         p = prompts[s : s + batch_size]
         gen, routing = generate(m.model, m.tok, m.layer, p, max(n_tokens[s : s + batch_size]), use_memory=use_memory)
         texts += gen

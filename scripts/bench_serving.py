@@ -7,7 +7,7 @@ The memory is synthesized, not trained: for the 25% of the benchmark prompts tha
 their real TopHash masks (computed with the transformers model at the snapshot's layer) are stored
 as edits; the other edits get random k-of-D masks; W_m is small Gaussian noise. Cost in the engine
 is the same as for trained edits (routing and the memory term do not depend on the values).
-Each configuration runs in its own engine process (fresh, same settings: fp32, enforce_eager,
+Each configuration runs in its own engine process (fresh, same settings: fp32, enforce_eager unless --compile,
 prefix caching off so repeats measure compute); configurations alternate over --rounds and the best
 round is kept (the machine is shared). Because engines started at different times see different
 machine load, each memoir engine also measures itself with the memory switched off
@@ -89,20 +89,23 @@ def synth_snapshot(out: Path, n_edits: int, match_prompts: list[str], tau: float
                          down_proj_path(model, cfg.layer), [], edits, keep=1)
 
 
-def run_engine(snapshot: str | None, prompts: list[str], batches: list[int], max_tokens: int, repeats: int) -> dict:
+def run_engine(snapshot: str | None, prompts: list[str], batches: list[int], max_tokens: int, repeats: int,
+               compile: bool = False) -> dict:
     """(child process) one engine; every batch size: throughput and TTFT, best of `repeats`."""
     from vllm import LLM, SamplingParams
 
     from memoir_vllm.models import default_model_dir
 
-    kw = dict(model=str(default_model_dir()), dtype="float32", max_model_len=256, enforce_eager=True, seed=0,
+    kw = dict(model=str(default_model_dir()), dtype="float32", max_model_len=256, enforce_eager=not compile, seed=0,
               max_num_seqs=max(batches), enable_prefix_caching=False, max_num_batched_tokens=8192)
     if snapshot:
         kw.update(hf_overrides={"memoir_snapshot": snapshot},
                   worker_extension_cls="memoir_vllm.vllm.plugin.MemoirWorkerExtension")
+    t0 = time.perf_counter()
     llm = LLM(**kw)
+    init_s = time.perf_counter() - t0
     llm.generate(prompts[:4], SamplingParams(temperature=0, max_tokens=4), use_tqdm=False)  # warm-up
-    out = {}
+    out: dict = {"init_s": init_s}
 
     def measure(batch: list[str]) -> tuple[float, float]:
         t0 = time.perf_counter()
@@ -144,6 +147,7 @@ def main() -> None:
     p.add_argument("--tau", type=float, default=0.6)
     p.add_argument("--rounds", type=int, default=2)
     p.add_argument("--repeats", type=int, default=4, help="paired on/off measurements per batch (ABBA order)")
+    p.add_argument("--compile", action="store_true", help="let vLLM torch.compile the model (default: enforce_eager)")
     p.add_argument("--out", default="runs/bench_serving.json")
     p.add_argument("--child", help=argparse.SUPPRESS)
     args = p.parse_args()
@@ -153,7 +157,7 @@ def main() -> None:
     if args.child:  # child: run one engine config and print JSON
         spec = json.loads(args.child)
         print("RESULT " + json.dumps(run_engine(spec["snapshot"], prompts, args.batches, args.max_tokens,
-                                                args.repeats)), flush=True)
+                                                args.repeats, args.compile)), flush=True)
         return
     work = Path(args.out).parent / "bench_serving_snaps"
     match = prompts[:: round(1 / args.match)]  # every 4th prompt matches at the default 25%
@@ -171,6 +175,7 @@ def main() -> None:
         for name, snap in snaps.items():
             cmd = [sys.executable, __file__, "--child", json.dumps({"snapshot": snap}), "--batches",
                    *map(str, args.batches), "--max-tokens", str(args.max_tokens), "--repeats", str(args.repeats)]
+            cmd += ["--compile"] if args.compile else []
             t0 = time.perf_counter()
             res = subprocess.run(cmd, env=env, capture_output=True, text=True)
             line = [x for x in res.stdout.splitlines() if x.startswith("RESULT ")]

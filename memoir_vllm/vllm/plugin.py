@@ -242,20 +242,27 @@ class MemoirWorkerExtension:
         return router
 
     def memoir_enable(self, enabled: bool) -> bool:
-        """Switch the memory off (the base down_proj is put back and no routing runs: plain vLLM's
-        computation and cost) or on again. Returns the new state. Switch while the engine is idle: a
+        """Switch the memory off (no routing runs, every token gets the base output) or on again.
+        Returns the new state. Eager engines get vLLM's own down_proj back while off (plain vLLM's
+        computation and cost); compiled ones keep the memoir op in their graph, where it returns at
+        once (a compiled graph must not see its modules swapped). Switch while the engine is idle: a
         request that runs across a switch gets the memory only for its steps while it is on.
         Call `llm.reset_prefix_cache()` after switching, so no KV computed in the other state is reused."""
+        from . import shim
+
         runner = self.model_runner
         slot = getattr(runner, "_memoir_slot", None)
         if slot is None:
             raise RuntimeError("memoir: this engine has no snapshot attached (set MEMOIR_SNAPSHOT or hf_overrides)")
         parent, child, wrapped, base = slot
+        swap = not shim.model_is_compiled(runner)
         if enabled:
-            setattr(parent, child, wrapped)
+            if swap:
+                setattr(parent, child, wrapped)
             runner._memoir_router = wrapped.router
             return True
-        setattr(parent, child, base)
+        if swap:
+            setattr(parent, child, base)
         runner._memoir_router = None
         return False
 

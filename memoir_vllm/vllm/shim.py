@@ -189,6 +189,13 @@ def cuda_graphs_enabled(runner: Any) -> bool:
     return mode is not None and getattr(mode, "name", str(mode)) != "NONE"
 
 
+def model_is_compiled(runner: Any) -> bool:
+    """Whether vLLM torch.compiles the runner's model (then its modules must not be swapped after loading:
+    the compiled graph reads their attributes by name without guards)."""
+    mode = getattr(runner.vllm_config.compilation_config, "mode", None)
+    return mode is not None and getattr(mode, "name", str(mode)) != "NONE"
+
+
 def runner_model(runner: Any) -> Any:
     return runner.model
 
