@@ -54,7 +54,8 @@ def server_command(model_dir: Path, vllm_args: list[str], compile: bool = False)
     if not any(a.startswith("--worker-extension-cls") for a in args):
         cmd += ["--worker-extension-cls", EXTENSION]
     if (_has_cuda() or not compile) and "--enforce-eager" not in args:
-        # GPU: no CUDA graphs (see memoir_vllm.vllm.plugin); CPU: the torch.compile path is untested with memoir
+        # GPU: no CUDA graphs (see memoir_vllm.vllm.plugin); CPU: compiling starts ~4x slower for 3-8% more
+        # throughput (README, measured), so eager unless asked
         cmd += ["--enforce-eager"]
     return cmd + args
 
@@ -116,8 +117,8 @@ def add_serve(sub) -> None:
     p.add_argument("--snapshot", required=True, help="snapshot store or version directory")
     p.add_argument("--model", help="model directory (default: the one recorded in the snapshot)")
     p.add_argument("--kv-cache-gib", type=int, default=1, help="CPU only: VLLM_CPU_KVCACHE_SPACE if unset (default 1)")
-    p.add_argument("--compile", action="store_true", help="CPU: let vLLM torch.compile the model (untested with "
-                   "memoir; the default adds --enforce-eager)")
+    p.add_argument("--compile", action="store_true", help="CPU: let vLLM torch.compile the model (tested; "
+                   "starts ~4x slower for 3-8%% more throughput; the default adds --enforce-eager)")
     p.add_argument("--dry-run", action="store_true", help="check and print the server command without starting it")
     # every other option goes to vLLM's server unchanged (collected by memoir's main as vllm_args)
     p.set_defaults(func=cmd_serve, pass_through=True, vllm_args=[])
