@@ -178,8 +178,9 @@ class Evaluator:
                   ) -> tuple[list[dict[str, Any]], dict[str, float]]:
         """Fresh memory, T sequential edits, then evaluate all T. Returns per-edit rows and timings.
 
-        state: a directory where the chunk saves its memory every `every` edits (a snapshot store plus
-            per-edit stats) and resumes from, so an interrupted chunk continues where it stopped.
+        state: a directory where the chunk saves its memory every `every` edits and after the last one (a
+            snapshot store plus per-edit stats) and resumes from, so an interrupted chunk continues where it
+            stopped; at the end it holds the chunk's edited memory (for serving, retention, lm-eval).
         prefixes: {n: fn(rows, times)}: after the n-th edit, evaluate the first n positions and hand the
             rows to fn. A T=n chunk over this chunk's first n records is exactly this prefix (the same
             edits, in the same order, from the same fresh memory), so it need not be run again.
@@ -197,8 +198,8 @@ class Evaluator:
                 t = time.perf_counter()
                 rows = self._evaluated(m, records, positions[:n], pre, ppl, stats)
                 prefixes[n](rows, dict(edit_s=sum(x["seconds"] for x in stats), eval_s=time.perf_counter() - t))
-            if state is not None and n % every == 0 and n < len(positions):
-                _save_state(m, stats, state)
+            if state is not None and (n % every == 0 or n == len(positions)):
+                _save_state(m, stats, state)  # the last save holds the chunk's final memory (a usable snapshot)
 
         m.edit_many([records[i].edit_request() for i in positions[len(stats):]], progress=progress,
                     after_each=after_each)

@@ -104,10 +104,14 @@ def test_protocol_end_to_end(evaluator, tmp_path):
 
 @pytest.mark.model
 def test_interrupted_eval_resumes_to_the_same_results(evaluator, tmp_path, monkeypatch):
+    from memoir_eval.data import load_records
     from memoir_eval.protocol import Evaluator
     from memoir_eval.runner import run_eval
+    from memoir_vllm.snapshot import load_snapshot
 
     whole = run_eval("default", "zsre", [3], tmp_path / "whole", limit=3, evaluator=evaluator, progress=False)
+    final = load_snapshot(tmp_path / "whole" / "state" / "T3-c0")  # each chunk's edited memory stays a snapshot
+    assert [e.prompt for e in final.edits] == [r.prompt for r in load_records("zsre", limit=3)]
 
     real = Evaluator.evaluate
 
