@@ -33,6 +33,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
     from .runner import run_eval
 
     _core()._threads(args.threads)
+    _core()._device(args.device)
     results = run_eval(
         model=args.model, data=args.data, Ts=args.T, out=args.out, limit=args.limit, chunks=args.chunks,
         settings=_core()._settings(args), generative=not args.no_generative, batch_size=args.batch_size,
@@ -65,6 +66,7 @@ def add_eval(sub) -> None:
     p.add_argument("--checkpoint-every", type=int, default=50, metavar="N",
                    help="save each chunk's memory every N edits under --out/state (default 50)")
     p.add_argument("--threads", type=int)
+    _core()._add_device(p)
     _core()._add_settings(p)
     p.set_defaults(func=cmd_eval)
 

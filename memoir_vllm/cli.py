@@ -20,6 +20,19 @@ def _threads(n: int | None) -> None:
     torch.set_num_threads(n or int(os.environ.get("MEMOIR_THREADS", 0)) or os.cpu_count() or 1)
 
 
+def _device(name: str | None) -> None:
+    """--device: the device models load onto in this process (checked now, so a typo fails before any work)."""
+    if name is not None:
+        from .models import default_device
+
+        os.environ["MEMOIR_DEVICE"] = name
+        default_device()
+
+
+def _add_device(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--device", help="torch device for the model and memory, e.g. cuda (default: $MEMOIR_DEVICE, else cpu)")
+
+
 def _add_settings(p: argparse.ArgumentParser) -> None:
     """Flags that override MemoirConfig fields (None keeps the model's measured default)."""
     g = p.add_argument_group("memory and editor settings (default: the model's measured preset)")
@@ -66,6 +79,8 @@ def add_prepare_model(sub) -> None:
 
 def cmd_edit(args: argparse.Namespace) -> int:
     if args.ray:
+        if args.device is not None:
+            raise ValueError("--device is not passed to Ray workers (they edit on CPU): drop --device or --ray")
         return cmd_edit_ray(args)
     ray_only = [f for f in ("address", "workers", "shards") if getattr(args, f) is not None]
     if ray_only:
@@ -73,6 +88,7 @@ def cmd_edit(args: argparse.Namespace) -> int:
     from .edit_job import run_edit_job
 
     _threads(args.threads)
+    _device(args.device)
     summary = run_edit_job(
         model=args.model, edits=args.edits, out=args.out, resume=args.resume, every=args.checkpoint_every,
         limit=args.limit, background=args.background, settings=_settings(args),
@@ -106,6 +122,7 @@ def add_edit(sub) -> None:
     p.add_argument("--limit", type=int, help="edit only the first N records")
     p.add_argument("--background", help="text file of unrelated prompts (one per line) for the background mean")
     p.add_argument("--threads", type=int, help="torch threads (default: all cores; with --ray: per worker, default 1)")
+    _add_device(p)
     g = p.add_argument_group("distributed job on Ray (OUT must be a path every Ray node can reach)")
     g.add_argument("--ray", action="store_true", help="run the edits as parallel shard streams on Ray actors")
     g.add_argument("--address", help="existing Ray cluster (host:port, ray://host:port or auto); default: start a "

@@ -30,7 +30,7 @@ def generate_templates(model, tok, n_templates: int = 10) -> list[str]:
     """Context templates generated once per model by greedy decoding from the unedited model."""
     templates: list[str] = []
     for length in TEMPLATE_LENGTHS:
-        ids, attn = encode_prompts(tok, list(TEMPLATE_SEEDS))
+        ids, attn = (t.to(model.device) for t in encode_prompts(tok, list(TEMPLATE_SEEDS)))
         out = model.generate(
             input_ids=ids, attention_mask=attn, max_new_tokens=length, min_new_tokens=length,
             do_sample=False, pad_token_id=tok.pad_token_id,
@@ -48,7 +48,7 @@ def compute_background(model, tok, layer: MemoirLayer, texts: list[str], batch_s
         raise ValueError("the background mean needs at least one unrelated text")
     means = []
     for s in range(0, len(texts), batch_size):
-        ids, attn = encode_prompts(tok, texts[s : s + batch_size])
+        ids, attn = (t.to(model.device) for t in encode_prompts(tok, texts[s : s + batch_size]))
         pos = (attn.cumsum(1) - 1).clamp_min(0)
         with capturing(layer):
             model(input_ids=ids, attention_mask=attn, position_ids=pos, use_cache=False)
@@ -111,7 +111,7 @@ class SequentialEditor:
     def rows(self, prompt: str, target: str) -> PairBatch:
         """The plain row and one row per template: '<template> {p} {y}'."""
         prompts = [prompt] + [f"{t} {prompt}" for t in self.templates]
-        return encode_pairs(self.tok, prompts, [target] * len(prompts), self.max_length)
+        return encode_pairs(self.tok, prompts, [target] * len(prompts), self.max_length).to(self.model.device)
 
     def edit(self, prompt: str, target: str, shard: int = 0, edit_id: int | None = None) -> EditResult:
         """Train W_m on one (prompt, target) under the prompt's TopHash mask, then store the mask.
@@ -196,7 +196,7 @@ class SequentialEditor:
         acts = self.layer.captured  # [R, T, D]
         mask_idx = self._mask_from(acts, batch)
         mask = indices_to_mask(mask_idx.view(1, -1), self.memory.d_inner)  # [1, D]
-        shards = torch.full((acts.shape[0],), shard, dtype=torch.int64)
+        shards = torch.full((acts.shape[0],), shard, dtype=torch.int64, device=acts.device)
         h_base = saved["h"]  # [R, T, d_model] block output without memory
         norm = get_module(self.model, spec.final_norm)
         head = get_module(self.model, spec.lm_head)

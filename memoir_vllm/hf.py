@@ -79,7 +79,7 @@ class MemoirLayer(nn.Module):
         if self.capture:
             self.captured = a.detach()
         if self.train_mask is not None:
-            shards = torch.full((a.shape[0],), self.train_shard, dtype=torch.int64)
+            shards = torch.full((a.shape[0],), self.train_shard, dtype=torch.int64, device=a.device)
             return out + self.memory.delta(a, self.train_mask.expand(a.shape[0], -1), shards)
         if self.prompt_mask is None:
             return out
@@ -105,7 +105,7 @@ def attach(model: nn.Module, memory: ResidualMemory, layer: int) -> MemoirLayer:
     parent = get_module(model, parent_path)
     current = getattr(parent, name)
     if isinstance(current, MemoirLayer):
-        current.memory = memory
+        current.memory = memory.to(next(current.base_layer.parameters()).device)
         return current
     wrapped = MemoirLayer(current, memory).to(next(current.parameters()).device)
     setattr(parent, name, wrapped)

@@ -29,7 +29,7 @@ def score(
     keep_logits: bool = False,
 ) -> Scored:
     """Teacher-forced forward of 'prompt target' rows; each row routed from its prompt tokens."""
-    b = encode_pairs(tok, prompts, targets, _max_length(model))
+    b = encode_pairs(tok, prompts, targets, _max_length(model)).to(model.device)
     prompt_mask = b.prompt_mask if (use_memory and layer is not None) else None
     if layer is None:
         logits = model(input_ids=b.input_ids, attention_mask=b.attention_mask, use_cache=False).logits
@@ -46,7 +46,7 @@ def score(
         sel = pred[i]
         preds.append(argmax[i][sel].tolist())
         accs.append((argmax[i][sel] == labels[i][sel]).float().mean().item())
-        tl.append(logits[i, :-1][sel].float() if keep_logits else torch.empty(0))
+        tl.append(logits[i, :-1][sel].float().cpu() if keep_logits else torch.empty(0))
     return Scored(accs, preds, tl, routing)
 
 
@@ -55,7 +55,7 @@ def generate(
     model, tok, layer: MemoirLayer | None, prompts: list[str], max_new_tokens: int = 16, use_memory: bool = True
 ) -> tuple[list[str], Routing | None]:
     """Greedy answers; the routing of each row is decided once from its prompt at prefill."""
-    ids, attn = encode_prompts(tok, prompts, _max_length(model))
+    ids, attn = (t.to(model.device) for t in encode_prompts(tok, prompts, _max_length(model)))
     kw = dict(input_ids=ids, attention_mask=attn, max_new_tokens=max_new_tokens, do_sample=False,
               pad_token_id=tok.pad_token_id)
     if layer is None:

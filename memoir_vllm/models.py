@@ -119,15 +119,31 @@ def resolve_model_dir(model: str | Path) -> Path:
     return path
 
 
-def load_model(model: str | Path, dtype: torch.dtype = torch.float32, device: str = "cpu"):
-    """(model, tokenizer) in eval mode with frozen weights, from 'default' or a local directory."""
+def default_device() -> str:
+    """The torch device models load onto: $MEMOIR_DEVICE (e.g. cuda, cuda:1), else cpu."""
+    device = os.environ.get("MEMOIR_DEVICE", "cpu")
+    try:
+        kind = torch.device(device).type
+    except RuntimeError:
+        raise ValueError(f"MEMOIR_DEVICE={device!r} is not a torch device: use cpu, cuda or cuda:N") from None
+    if kind == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"device {device!r} was asked for but this torch ({torch.__version__}) sees no CUDA GPU: "
+                         "use --device cpu (or unset MEMOIR_DEVICE)")
+    return device
+
+
+def load_model(model: str | Path, dtype: torch.dtype = torch.float32, device: str | None = None):
+    """(model, tokenizer) in eval mode with frozen weights, from 'default' or a local directory.
+
+    device: default_device() ($MEMOIR_DEVICE, else cpu) when None.
+    """
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from .config import arch_spec
 
     path = resolve_model_dir(model)
     tok = AutoTokenizer.from_pretrained(str(path))
-    m = AutoModelForCausalLM.from_pretrained(str(path), dtype=dtype).to(device).eval()
+    m = AutoModelForCausalLM.from_pretrained(str(path), dtype=dtype).to(device or default_device()).eval()
     arch_spec(m.config.model_type)  # refuse unknown architectures early, listing the known ones
     m.requires_grad_(False)
     if tok.pad_token is None:

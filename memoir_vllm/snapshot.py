@@ -189,7 +189,7 @@ def _write_files(d: Path, memory: ResidualMemory, edits: list[EditRecord], confi
     meta = {"layer": str(config.layer), "model": json.dumps(model_id), "k": str(memory.k), "seed": str(memory.seed)}
     save_file(tensors, str(d / WEIGHTS), metadata=meta)
     idx = memory.index
-    masks = idx.masks(torch.arange(len(idx))) if len(idx) else torch.zeros(0, memory.d_inner, dtype=torch.bool)
+    masks = idx.masks(torch.arange(len(idx), device=idx.packed.device)).cpu() if len(idx) else torch.zeros(0, memory.d_inner, dtype=torch.bool)
     mask_lists = [m.nonzero().flatten().to(torch.int16).tolist() for m in masks]
     table = pa.table(
         {

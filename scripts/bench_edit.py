@@ -37,11 +37,12 @@ def main() -> None:
     ap.add_argument("--n", type=int, default=5, help="edits per mode")
     ap.add_argument("--n-iter", type=int, default=30)
     ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--device", default="cpu", help="cpu or cuda")
     ap.add_argument("--out", default="runs/bench_edit.json")
     args = ap.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     torch.set_num_threads(args.threads)
-    model, tok = load_model(args.model)
+    model, tok = load_model(args.model, device=args.device)
     n_layers, d_model, d_inner = model_dims(model)
     reqs = load_edits(args.data)[args.start : args.start + args.n]
     cfgs = {fast: default_config(model.config.model_type, n_layers, d_inner, fast=fast, n_iter=args.n_iter,
@@ -65,7 +66,7 @@ def main() -> None:
     out = {
         "model": args.model, "layer": cfgs[True].layer, "n_layers": n_layers, "k": cfgs[True].k, "edits": args.n,
         "steps_per_edit": args.n_iter, "rows_per_step": 1 + len(templates), "threads": args.threads,
-        "cpu_count": os.cpu_count(), "torch": torch.__version__,
+        "cpu_count": os.cpu_count(), "torch": torch.__version__, "device": args.device,
         "reference_s_per_edit": round(ref, 3), "fast_s_per_edit": round(fast, 3), "speedup": round(ref / fast, 2),
         "max_abs_loss_diff": max_dloss, "seconds": {k: [round(x, 3) for x in v] for k, v in seconds.items()},
     }

@@ -28,9 +28,9 @@ def random_masks(n: int, d: int, k: int, gen: torch.Generator) -> torch.Tensor:
     return torch.zeros(n, d, dtype=torch.bool).scatter_(1, idx, True)
 
 
-def build_index(n: int, d: int, k: int, seed: int = 0, chunk: int = 16384) -> MaskIndex:
+def build_index(n: int, d: int, k: int, seed: int = 0, chunk: int = 16384, cache_gib: float = 2.0) -> MaskIndex:
     gen = torch.Generator().manual_seed(seed)
-    index = MaskIndex(d, k)
+    index = MaskIndex(d, k, dense_cache_bytes=int(cache_gib * 2**30))
     index.packed = torch.cat([pack_masks(random_masks(min(chunk, n - s), d, k, gen)) for s in range(0, n, chunk)])
     index.edit_ids = torch.arange(n)
     index.active = torch.ones(n, dtype=torch.bool)
@@ -38,13 +38,14 @@ def build_index(n: int, d: int, k: int, seed: int = 0, chunk: int = 16384) -> Ma
     return index
 
 
-def bench(n: int, d: int, k: int, batch: int, repeats: int) -> dict:
+def bench(n: int, d: int, k: int, batch: int, repeats: int, device: str = "cpu", cache_gib: float = 2.0) -> dict:
     t0 = time.perf_counter()
-    index = build_index(n, d, k)
+    index = build_index(n, d, k, cache_gib=cache_gib)
     build_s = time.perf_counter() - t0
     gen = torch.Generator().manual_seed(1)
     query = random_masks(batch, d, k, gen)
     query[: batch // 2] = index.masks(torch.randint(0, n, (batch // 2,), generator=gen))
+    index, query = index.to(device), query.to(device)  # best_match returns on CPU: its timing includes the sync
     t0 = time.perf_counter()
     ratio, row = index.best_match(query)
     first_s = time.perf_counter() - t0
@@ -69,6 +70,8 @@ def main() -> None:
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--float32", action="store_true", help="the float32 GEMM path instead of CPU int8 (comparison)")
+    p.add_argument("--cache-gib", type=float, default=2.0, help="MaskIndex dense_cache_bytes in GiB (its default: 2)")
+    p.add_argument("--device", default="cpu", help="cpu or cuda (on CUDA the index GEMM is float32)")
     p.add_argument("--out", default="runs/bench_index.json")
     args = p.parse_args()
     if args.float32:
@@ -79,9 +82,10 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     results = []
     for n in args.sizes:
-        results.append(bench(n, args.d, args.k, args.batch, args.repeats))
+        results.append(bench(n, args.d, args.k, args.batch, args.repeats, args.device, args.cache_gib))
         Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.out).write_text(json.dumps({"d": args.d, "k": args.k, "threads": args.threads, "path": "float32" if args.float32 else "int8",
+        Path(args.out).write_text(json.dumps({"d": args.d, "k": args.k, "threads": args.threads, "device": args.device, "cache_gib": args.cache_gib,
+                                              "path": "float32" if args.float32 or args.device != "cpu" else "int8",
                                               "torch": torch.__version__, "results": results}, indent=2))
     for r in results:
         log.info("%8d masks: %.4f s per %d-query batch (first call %.3f s)", r["n_masks"], r["median_s"], r["batch"],

@@ -65,6 +65,23 @@ def test_prompt_longer_than_context_and_empty_target(tiny_model_dir):
         m.edit("The sky is", "")
 
 
+def test_unknown_or_missing_device_is_refused(tmp_path, monkeypatch, capsys):
+    import torch
+
+    from memoir_vllm.models import default_device
+
+    monkeypatch.setenv("MEMOIR_DEVICE", "gpu0")
+    with pytest.raises(ValueError, match="not a torch device: use cpu, cuda or cuda:N"):
+        default_device()
+    if not torch.cuda.is_available():
+        monkeypatch.setenv("MEMOIR_DEVICE", "cuda")
+        with pytest.raises(ValueError, match="sees no CUDA GPU: use --device cpu"):
+            default_device()
+    f = write(tmp_path / "e.jsonl", '{"prompt": "a", "target": "b"}\n')
+    assert main(["edit", "--ray", "--device", "cpu", "--edits", str(f), "--out", str(tmp_path / "s")]) == 2
+    assert "--device is not passed to Ray workers" in capsys.readouterr().err
+
+
 @pytest.mark.model
 def test_cli_reports_errors_without_traceback(tmp_path, capsys):
     f = write(tmp_path / "e.jsonl", '{"prompt": "a"}\n')

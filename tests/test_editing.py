@@ -85,7 +85,7 @@ def test_disabled_edit_routes_to_base_model(edited, tmp_path):
 
 
 def test_fast_editor_follows_the_reference_loss_within_1e4(default_model_dir, zsre_records):
-    m = Memoir.create("default", n_iter=6)
+    m = Memoir.create("default", n_iter=6, stop_rule="reference")
     r = zsre_records[1]
     trajectories = {}
     for fast in (False, True):

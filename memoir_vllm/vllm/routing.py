@@ -119,22 +119,26 @@ class Router:
         self.n_slots = n
 
     def _alloc(self, rid: str, key: bytes) -> RequestState:
+        """A free slot for a new request (its device rows are clean: see _release); host work only."""
         if not self.free:
             self._grow(2 * self.n_slots, self.memory.d_inner)
-        slot = self.free.pop()
-        self.slot_row[slot] = UNDECIDED
-        self.slot_mask[slot].zero_()
-        self.acc[slot].zero_()
-        st = RequestState(slot, key)
+        st = RequestState(self.free.pop(), key)
         self.states[rid] = st
         return st
 
     def _release(self, live: set[str]) -> None:
-        for rid in [r for r in self.states if r not in live]:
-            st = self.states.pop(rid)
+        """Free the slots of finished requests, cleaning their device rows in one batched write each."""
+        gone = [r for r in self.states if r not in live]
+        if not gone:
+            return
+        slots = [self.states.pop(rid).slot for rid in gone]
+        for rid in gone:
             self.keys.pop(rid, None)
-            self.slot_row[st.slot] = NO_MEMORY
-            self.free.append(st.slot)
+        idx = torch.tensor(slots, dtype=torch.int64, device=self.device)
+        self.slot_row[idx] = NO_MEMORY
+        self.slot_mask[idx] = 0
+        self.acc[idx] = 0
+        self.free.extend(slots)
 
     def _remember(self, key: bytes, row: int) -> None:
         self.decisions[key] = row
@@ -191,6 +195,8 @@ class Router:
         slots = np.empty(n, dtype=np.int64)
         undecided = np.zeros(n, dtype=bool)
         decide: list[int] = []
+        decide_n: list[float] = []  # prompt tokens behind each deciding slot's feature
+        fresh: list[int] = []  # new slots left undecided by the host: UNDECIDED until their forward decides
         need_memory = False
         for i, rid in enumerate(req_ids):
             st = self.states.get(rid)
@@ -211,6 +217,8 @@ class Router:
                         self.partial_prefix_warned = True
                         log.warning("memoir: a request started at token %d with no remembered decision for its "
                                     "prompt; it is routed from its uncached prompt tokens only", start)
+                if not st.decided:
+                    fresh.append(st.slot)
             slots[i] = st.slot
             if start < st.next_pos:  # preempted, now recomputed from its start (or from cached blocks)
                 self.counts["recomputed"] += 1
@@ -225,7 +233,7 @@ class Router:
                     if st.n_prompt_seen > count:
                         self.counts["chunked"] += 1
                     decide.append(st.slot)
-                    self.n_prompt[st.slot] = float(max(st.n_prompt_seen, 1))
+                    decide_n.append(float(max(st.n_prompt_seen, 1)))
                     st.pending_readback = True
                     need_memory = True
             elif st.pending_readback or st.row >= 0:
@@ -244,8 +252,12 @@ class Router:
         self._tok_prompt_host[total:] = False
         self.tok_slot.copy_(self._tok_slot_host, non_blocking=True)
         self.tok_prompt.copy_(self._tok_prompt_host, non_blocking=True)
+        if fresh:  # one batched write instead of one per request (each is a kernel launch on a GPU)
+            self.slot_row[torch.tensor(fresh, dtype=torch.int64, device=self.device)] = UNDECIDED
         if decide:
-            self.dec_slots[: len(decide)].copy_(torch.tensor(decide, dtype=torch.int64), non_blocking=True)
+            dec = torch.tensor(decide, dtype=torch.int64)
+            self.n_prompt[dec.to(self.device)] = torch.tensor(decide_n, device=self.device)
+            self.dec_slots[: len(decide)].copy_(dec, non_blocking=True)
         self.plan = StepPlan(armed=True, num_tokens=total, need_acc=bool(undecided.any()), n_decide=len(decide),
                              need_memory=need_memory, decided_slots=decide)
 
