@@ -15,6 +15,7 @@ from __future__ import annotations
 import json
 import logging
 import math
+import statistics
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -245,7 +246,7 @@ METRICS = ("rel", "gen", "loc", "rel_ppl", "rel_em", "gen_em", "loc_em", "pre_re
 
 
 def summarize(chunks: list[list[dict[str, Any]]]) -> dict[str, Any]:
-    """Per metric: mean over chunks of chunk means (the paper's averaging) and the stderr over edits."""
+    """Per metric: mean over chunks of chunk means (the paper's averaging), the stderr and median over edits."""
     out: dict[str, Any] = {}
     for key in METRICS:
         per_chunk, flat = [], []
@@ -256,7 +257,7 @@ def summarize(chunks: list[list[dict[str, Any]]]) -> dict[str, Any]:
                 flat += vals
         if flat:
             _, se = mean_stderr(flat)
-            out[key] = dict(mean=sum(per_chunk) / len(per_chunk), stderr=se, n=len(flat))
+            out[key] = dict(mean=sum(per_chunk) / len(per_chunk), stderr=se, median=statistics.median(flat), n=len(flat))
     return out
 
 

@@ -7,12 +7,12 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
-# (column, metric key, better) in table order
+# (column, metric key, statistic) in table order; perplexity is heavy-tailed, so its median is shown too
 COLUMNS = (
-    ("Rel", "rel"), ("Gen", "gen"), ("Loc", "loc"), ("PPL", "rel_ppl"),
-    ("Rel EM", "rel_em"), ("Gen EM", "gen_em"), ("Loc EM", "loc_em"),
-    ("para→own", "para_routed_right"), ("loc routed", "loc_routed"),
-    ("pre Rel", "pre_rel"), ("pre PPL", "pre_rel_ppl"), ("pre Rel EM", "pre_rel_em"),
+    ("Rel", "rel", "mean"), ("Gen", "gen", "mean"), ("Loc", "loc", "mean"), ("PPL", "rel_ppl", "mean"),
+    ("PPL median", "rel_ppl", "median"), ("Rel EM", "rel_em", "mean"), ("Gen EM", "gen_em", "mean"),
+    ("Loc EM", "loc_em", "mean"), ("para→own", "para_routed_right", "mean"), ("loc routed", "loc_routed", "mean"),
+    ("pre Rel", "pre_rel", "mean"), ("pre PPL", "pre_rel_ppl", "mean"), ("pre Rel EM", "pre_rel_em", "mean"),
 )
 
 
@@ -42,16 +42,16 @@ def write_text(path: str | Path, text: str) -> None:
 def markdown_table(results: dict[str, Any]) -> str:
     """One row per T: chunks run / total, the teacher-forced and generative metrics, edit time."""
     runs = results["runs"]
-    cols = [(name, key) for name, key in COLUMNS if any(key in r["metrics"] for r in runs.values())]
-    head = "| T | chunks | " + " | ".join(c for c, _ in cols) + " | s/edit |"
+    cols = [(name, key, stat) for name, key, stat in COLUMNS if any(key in r["metrics"] for r in runs.values())]
+    head = "| T | chunks | " + " | ".join(c for c, _, _ in cols) + " | s/edit |"
     lines = [f"{results['data']} on {results['model']} (layer {results['config']['layer']}, k {results['config']['k']}, "
              f"tau {results['config']['tau']}, lr {results['config']['lr']})", "", head,
              "|" + "---|" * (len(cols) + 3)]
     for T, r in runs.items():
         cells = []
-        for _, key in cols:
-            m = r["metrics"].get(key)
-            cells.append("" if m is None else f"{m['mean']:.3f}" if key.endswith("ppl") else f"{m['mean']:.3f}")
+        for _, key, stat in cols:
+            value = r["metrics"].get(key, {}).get(stat)  # results written before medians existed have none
+            cells.append("" if value is None else f"{value:.3f}")
         per_edit = r["edit_s"] / max(1, r["n_edits"])
         lines.append(f"| {T} | {r['chunks_run']}/{r['chunks_total']} | " + " | ".join(cells) + f" | {per_edit:.2f} |")
     lines += ["", "Rel/Gen: teacher-forced token accuracy; Loc: agreement with the unedited model's argmax; "
@@ -70,7 +70,9 @@ def plot(results: dict[str, Any], overlaps: dict[str, dict[str, list[float]]], o
     files = []
     runs = results["runs"]
     Ts = [int(t) for t in runs]
-    fig, ax = plt.subplots(figsize=(6, 4))
+    has_ppl = any("rel_ppl" in r["metrics"] for r in runs.values())
+    fig, axes = plt.subplots(1, 2 if has_ppl else 1, figsize=(11 if has_ppl else 6, 4), squeeze=False)
+    ax = axes[0][0]
     for name, key in (("Rel", "rel"), ("Gen", "gen"), ("Loc", "loc"), ("Rel EM", "rel_em"), ("Gen EM", "gen_em")):
         ys = [runs[str(t)]["metrics"].get(key, {}).get("mean") for t in Ts]
         if any(y is not None for y in ys):
@@ -81,6 +83,8 @@ def plot(results: dict[str, Any], overlaps: dict[str, dict[str, list[float]]], o
     ax.set_ylim(0, 1.05)
     ax.legend()
     ax.set_title(f"{results['data']}: metrics vs T")
+    if has_ppl:
+        _plot_ppl(axes[0][1], runs, Ts)
     fig.tight_layout()
     files.append(out / "metrics_vs_T.png")
     fig.savefig(files[-1], dpi=100)
@@ -101,3 +105,18 @@ def plot(results: dict[str, Any], overlaps: dict[str, dict[str, list[float]]], o
         fig.savefig(files[-1], dpi=100)
         plt.close(fig)
     return files
+
+
+def _plot_ppl(ax, runs: dict[str, Any], Ts: list[int]) -> None:
+    """Perplexity of the edit targets vs T (log scale): mean, median and the unedited model's mean."""
+    for name, key, stat, style in (("PPL mean", "rel_ppl", "mean", "-"), ("PPL median", "rel_ppl", "median", "-"),
+                                   ("pre-edit PPL mean", "pre_rel_ppl", "mean", "--")):
+        ys = [runs[str(t)]["metrics"].get(key, {}).get(stat) for t in Ts]
+        if any(y is not None for y in ys):
+            ax.plot(Ts, [float("nan") if y is None else y for y in ys], style, marker="o", label=name)
+    ax.set_xscale("log")
+    ax.set_yscale("log")
+    ax.set_xlabel("T (sequential edits)")
+    ax.set_ylabel("perplexity of the edit targets")
+    ax.set_title("perplexity vs T (1 is perfect)")
+    ax.legend()

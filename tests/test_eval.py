@@ -46,7 +46,22 @@ def test_chunks_and_summary():
     assert chunk_positions(600, 600, None)[1] == 1
     s = summarize([[dict(rel=1.0), dict(rel=0.0)], [dict(rel=1.0)]])
     assert s["rel"]["mean"] == pytest.approx(0.75)  # mean of chunk means (0.5, 1.0)
-    assert s["rel"]["n"] == 3
+    assert s["rel"]["n"] == 3 and s["rel"]["median"] == 1.0
+
+
+def test_perplexity_report_shows_the_median_and_plots_ppl(tmp_path):
+    from memoir_eval.report import markdown_table, plot
+
+    rows = [dict(rel=1.0, loc=1.0, rel_ppl=ppl, pre_rel_ppl=20.0, rel_overlap=1.0) for ppl in (1.1, 1.2, 900.0)]
+    run = dict(chunks_run=1, chunks_total=200, edit_s=3.0, n_edits=3, metrics=summarize([rows]))
+    results = dict(data="hallucination", model="default", config=dict(layer=25, k=439, tau=0.5, lr=10.0),
+                   runs={"3": run})
+    table = markdown_table(results)
+    assert "| PPL | PPL median |" in table and "| 300.767 | 1.200 |" in table  # one forgotten edit drags the mean
+    del run["metrics"]["rel_ppl"]["median"]  # a results.json written before medians existed
+    assert "| 300.767 |  |" in markdown_table(results)
+    files = plot(results, {"3": {"edit prompts": [1.0, 1.0, 1.0]}}, tmp_path)
+    assert [f.name for f in files] == ["metrics_vs_T.png", "overlap_T3.png"] and all(f.stat().st_size for f in files)
 
 
 def test_tau_choice_and_overlaps():
