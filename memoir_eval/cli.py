@@ -7,13 +7,7 @@ from __future__ import annotations
 import argparse
 import json
 
-
-
-def _core():
-    """memoir_vllm.cli's shared flag helpers, imported late (memoir_vllm.cli imports this module)."""
-    from memoir_vllm import cli
-
-    return cli
+from memoir_vllm.cli_args import add_device, add_settings, set_device, set_threads, settings
 
 
 def _ints(text: str) -> list[int]:
@@ -32,11 +26,11 @@ def cmd_eval(args: argparse.Namespace) -> int:
     from .report import markdown_table
     from .runner import run_eval
 
-    _core()._threads(args.threads)
-    _core()._device(args.device)
+    set_threads(args.threads)
+    set_device(args.device)
     results = run_eval(
         model=args.model, data=args.data, Ts=args.T, out=args.out, limit=args.limit, chunks=args.chunks,
-        settings=_core()._settings(args), generative=not args.no_generative, batch_size=args.batch_size,
+        settings=settings(args), generative=not args.no_generative, batch_size=args.batch_size,
         background=read_background(args.background), resume=args.resume, checkpoint_every=args.checkpoint_every,
     )
     print(markdown_table(results))
@@ -66,8 +60,8 @@ def add_eval(sub) -> None:
     p.add_argument("--checkpoint-every", type=int, default=50, metavar="N",
                    help="save each chunk's memory every N edits under --out/state (default 50)")
     p.add_argument("--threads", type=int)
-    _core()._add_device(p)
-    _core()._add_settings(p)
+    add_device(p)
+    add_settings(p)
     p.set_defaults(func=cmd_eval)
 
 
@@ -80,7 +74,7 @@ EVAL_SUBCOMMANDS = [add_eval]
 def cmd_lm_eval(args: argparse.Namespace) -> int:
     from .lm_eval_entry import run_lm_eval
 
-    _core()._threads(args.threads)
+    set_threads(args.threads)
     run_lm_eval(args.lm_eval_args)
     return 0
 
@@ -112,11 +106,11 @@ def cmd_calibrate(args: argparse.Namespace) -> int:
     from .calibrate import base_model, calibrate
     from .report import write_json
 
-    _core()._threads(args.threads)
+    set_threads(args.threads)
     if args.snapshot:
         m = Memoir.from_snapshot(args.snapshot, model=None if args.model == "default" else args.model)
     else:
-        m = base_model(args.model, **_core()._settings(args))
+        m = base_model(args.model, **settings(args))
     result = calibrate(m, layers=_int_list(args.sweep_layers) if args.sweep_layers else None,
                        ks=_int_list(args.sweep_k) if args.sweep_k else None,
                        feats=args.sweep_features.split(",") if args.sweep_features else None, max_false=args.max_false,
@@ -153,7 +147,7 @@ def add_calibrate(sub) -> None:
     p.add_argument("--out", help="write the full JSON here")
     p.add_argument("--full", action="store_true", help="print the sweep too")
     p.add_argument("--threads", type=int)
-    _core()._add_settings(p)
+    add_settings(p)
     p.set_defaults(func=cmd_calibrate)
 
 
@@ -166,7 +160,7 @@ def cmd_retention(args: argparse.Namespace) -> int:
     from .report import write_json
     from .retention import retention
 
-    _core()._threads(args.threads)
+    set_threads(args.threads)
     m = Memoir.from_snapshot(args.snapshot, model=args.model)
     result = retention(m, limit=args.limit, batch_size=args.batch_size)
     if args.out:

@@ -1,6 +1,6 @@
 """The `memoir` command. Each subcommand maps its flags onto one library function and holds no logic.
 
-Other modules add subcommands by appending an `add_xxx(subparsers)` function to SUBCOMMANDS.
+Subcommands are `add_xxx(subparsers)` functions listed in SUBCOMMANDS; the shared flags are in cli_args.py.
 """
 from __future__ import annotations
 
@@ -11,49 +11,12 @@ import os
 import sys
 from typing import Callable
 
+from memoir_eval.cli import EVAL_SUBCOMMANDS
+
+from .cli_args import add_device, add_settings, set_device, set_threads, settings
+from .vllm.serve import add_serve
+
 log = logging.getLogger("memoir")
-
-
-def _threads(n: int | None) -> None:
-    import torch
-
-    torch.set_num_threads(n or int(os.environ.get("MEMOIR_THREADS", 0)) or os.cpu_count() or 1)
-
-
-def _device(name: str | None) -> None:
-    """--device: the device models load onto in this process (checked now, so a typo fails before any work)."""
-    if name is not None:
-        from .models import default_device
-
-        os.environ["MEMOIR_DEVICE"] = name
-        default_device()
-
-
-def _add_device(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--device", help="torch device for the model and memory, e.g. cuda (default: $MEMOIR_DEVICE, else cpu)")
-
-
-def _add_settings(p: argparse.ArgumentParser) -> None:
-    """Flags that override MemoirConfig fields (None keeps the model's measured default)."""
-    g = p.add_argument_group("memory and editor settings (default: the model's measured preset)")
-    g.add_argument("--layer", type=int, help="edited block (default ~0.85 of depth)")
-    g.add_argument("--k", type=int, help="ones per TopHash mask (default round(0.286*D))")
-    g.add_argument("--tau", type=float, help="routing threshold in [0, 1]")
-    g.add_argument("--lr", type=float, help="editor learning rate")
-    g.add_argument("--n-iter", type=int, dest="n_iter", help="max optimisation steps per edit")
-    g.add_argument("--optimizer", choices=["sgd", "adam"], help="sgd is the reference")
-    g.add_argument("--seed", type=int, help="TopHash permutation seed")
-    g.add_argument("--stop-rule", choices=["reference", "loss"], dest="stop_rule",
-                   help="early stop: reference (loss <= 0.02 and change <= 1e-4; the paper's) or loss (loss <= 0.02; "
-                   "~1.6x faster, less interference at T=1000; the SmolLM2 preset)")
-    g.add_argument("--reference", dest="fast", action="store_false", default=None,
-                   help="full forward every step (the reference path); default is the fast cached-prefix path, "
-                   "same loss within 1e-4")
-
-
-def _settings(args: argparse.Namespace) -> dict:
-    keys = ("layer", "k", "tau", "lr", "n_iter", "optimizer", "seed", "fast", "stop_rule")
-    return {k: getattr(args, k) for k in keys if getattr(args, k, None) is not None}
 
 
 # -- prepare-model ---------------------------------------------------------------------------------
@@ -88,11 +51,11 @@ def cmd_edit(args: argparse.Namespace) -> int:
         raise ValueError(f"--{ray_only[0]} needs --ray")
     from .edit_job import run_edit_job
 
-    _threads(args.threads)
-    _device(args.device)
+    set_threads(args.threads)
+    set_device(args.device)
     summary = run_edit_job(
         model=args.model, edits=args.edits, out=args.out, resume=args.resume, every=args.checkpoint_every,
-        limit=args.limit, background=args.background, settings=_settings(args),
+        limit=args.limit, background=args.background, settings=settings(args),
     )
     print(json.dumps(summary, indent=2))
     return 0
@@ -104,7 +67,7 @@ def cmd_edit_ray(args: argparse.Namespace) -> int:
     summary = run_ray_job(
         edits=args.edits, out=args.out, model=args.model, workers=args.workers or 2, shards=args.shards,
         every=args.checkpoint_every, resume=args.resume, address=args.address, limit=args.limit,
-        background=args.background, settings=_settings(args), threads=args.threads or 1,
+        background=args.background, settings=settings(args), threads=args.threads or 1,
     )
     print(json.dumps(summary, indent=2))
     return 0
@@ -123,7 +86,7 @@ def add_edit(sub) -> None:
     p.add_argument("--limit", type=int, help="edit only the first N records")
     p.add_argument("--background", help="text file of unrelated prompts (one per line) for the background mean")
     p.add_argument("--threads", type=int, help="torch threads (default: all cores; with --ray: per worker, default 1)")
-    _add_device(p)
+    add_device(p)
     g = p.add_argument_group("distributed job on Ray (OUT must be a path every Ray node can reach)")
     g.add_argument("--ray", action="store_true", help="run the edits as parallel shard streams on Ray actors")
     g.add_argument("--address", help="existing Ray cluster (host:port, ray://host:port or auto); default: start a "
@@ -131,7 +94,7 @@ def add_edit(sub) -> None:
     g.add_argument("--workers", type=int, help="actors running at once (default 2)")
     g.add_argument("--shards", type=int, help="shard memories S (default: --workers, or the resumed job's); edit i goes to "
                    "shard i mod S")
-    _add_settings(p)
+    add_settings(p)
     p.set_defaults(func=cmd_edit)
 
 
@@ -141,7 +104,7 @@ def add_edit(sub) -> None:
 def cmd_ask(args: argparse.Namespace) -> int:
     from .session import Memoir
 
-    _threads(args.threads)
+    set_threads(args.threads)
     m = Memoir.from_snapshot(args.snapshot, model=args.model)
     if args.tau is not None:
         m.set_tau(args.tau)
@@ -211,7 +174,7 @@ def add_snapshot(sub) -> None:
 def cmd_demo(args: argparse.Namespace) -> int:
     from .demo import run_demo
 
-    _threads(args.threads)
+    set_threads(args.threads)
     run_demo(out=args.out)
     return 0
 
@@ -223,9 +186,8 @@ def add_demo(sub) -> None:
     p.set_defaults(func=cmd_demo)
 
 
-SUBCOMMANDS: list[Callable] = [add_prepare_model, add_edit, add_ask, add_snapshot, add_demo]
-SUBCOMMANDS += __import__("memoir_eval.cli", fromlist=["x"]).EVAL_SUBCOMMANDS  # eval, calibrate, retention, lm-eval
-SUBCOMMANDS.append(__import__("memoir_vllm.vllm.serve", fromlist=["add_serve"]).add_serve)  # vLLM imported lazily
+# eval, lm-eval, calibrate, retention come from memoir_eval; serve imports vLLM only when it runs
+SUBCOMMANDS: list[Callable] = [add_prepare_model, add_edit, add_ask, add_snapshot, add_demo, *EVAL_SUBCOMMANDS, add_serve]
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -6,7 +6,7 @@ architecture lives in ARCHITECTURES, the measured per-model defaults in MODEL_PR
 from __future__ import annotations
 
 import dataclasses
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 
@@ -36,6 +36,11 @@ ARCHITECTURES: dict[str, ArchSpec] = {
 }
 
 
+FEATURES = ("mean_decentered", "mean", "last")
+STOP_RULES = ("reference", "loss")
+DECAY_RULES = ("coupled", "decoupled")
+
+
 def arch_spec(model_type: str) -> ArchSpec:
     """The ArchSpec of a transformers `config.model_type`, or a clear error listing the supported ones."""
     try:
@@ -47,41 +52,53 @@ def arch_spec(model_type: str) -> ArchSpec:
         ) from None
 
 
+def _setting(default: Any, help: str, choices: tuple[str, ...] | None = None) -> Any:
+    """A MemoirConfig field a user may set; its help and choices become the CLI flag (cli_args.py)."""
+    return field(default=default, metadata={"help": help, "choices": choices})
+
+
 @dataclass
 class MemoirConfig:
-    """Every setting of a MEMOIR memory and its editor. None means 'derive from the model'."""
+    """Every setting of a MEMOIR memory and its editor. None means 'derive from the model'.
 
-    layer: int | None = None  # edited block; None -> round(0.85 * n_layers)
-    k: int | None = None  # mask size (ones per TopHash mask); None -> round(0.286 * D)
-    tau: float = 0.5  # routing threshold on |M_q & M_i| / k; 0.4 in the paper (Llama-3-8B)
-    seed: int = 0  # seed of the stored TopHash permutation
-    feature: str = "mean_decentered"  # prompt feature: mean_decentered | mean | last
-    # editor (reference: fresh SGD per edit, lr 1.0, wd 1e-5, clip 1.0, n_iter 30, early stop)
-    optimizer: str = "sgd"  # sgd (reference) | adam
-    lr: float = 1.0
-    weight_decay: float = 1e-5
-    grad_clip: float = 1.0  # 0 disables clipping
-    n_iter: int = 30
-    stop_loss: float = 0.02  # early stop when loss_{t-1} <= stop_loss ...
-    stop_delta: float = 1e-4  # ... and |loss_{t-1} - loss_{t-2}| <= stop_delta
-    # "reference": the rule above; "loss": stop as soon as loss_{t-1} <= stop_loss (on SmolLM2 1.6x
-    # faster per edit and, after 1000 sequential edits, Rel .668 vs .493: docs/defaults.md)
-    stop_rule: str = "reference"
-    n_templates: int = 10  # augmented context-template rows (the reference uses 10)
+    Each field carries its own help text: the `memoir` flags are generated from these fields.
+    """
+
+    layer: int | None = _setting(None, "edited block (default ~0.85 of depth)")
+    k: int | None = _setting(None, "ones per TopHash mask (default round(0.286*D))")
+    tau: float = _setting(0.5, "routing threshold on overlap/k in [0, 1] (0.4 in the paper)")
+    seed: int = _setting(0, "seed of the stored TopHash permutation")
+    feature: str = _setting("mean_decentered", "prompt feature", FEATURES)
+    # editor (reference: fresh SGD per edit, lr 1.0, wd 1e-5 coupled to lr, clip 1.0, n_iter 30, early stop)
+    optimizer: str = _setting("sgd", "editor optimizer (sgd is the reference)", ("sgd", "adam"))
+    lr: float = _setting(1.0, "editor learning rate")
+    weight_decay: float = _setting(1e-5, "shrink of the trained memory per step (see --decay)")
+    decay: str = _setting("decoupled", "how weight_decay shrinks the trained shard each step: coupled (the reference: "
+                          "the optimizer's L2 term, a shrink of lr*wd) or decoupled (W *= 1 - wd, independent of lr)",
+                          DECAY_RULES)
+    grad_clip: float = _setting(1.0, "gradient-norm clip per step (0 disables)")
+    n_iter: int = _setting(30, "max optimisation steps per edit")
+    stop_loss: float = _setting(0.02, "early stop when the loss is at most this ...")
+    stop_delta: float = _setting(1e-4, "... and (reference rule) changed by at most this")
+    stop_rule: str = _setting("reference", "early stop: reference (loss <= stop_loss and change <= stop_delta; the "
+                              "paper's) or loss (loss <= stop_loss; ~1.6x faster, less interference at T=1000)",
+                              STOP_RULES)
+    n_templates: int = _setting(10, "augmented context-template rows (the reference uses 10)")
     # cache the frozen prefix and run only the blocks after the edited one: the same loss as the
     # reference full forward within 1e-4, ~4x faster; fast=False is the reference computation
-    fast: bool = True
-    n_background: int = 100  # unrelated prompts averaged into the background mean
+    fast: bool = _setting(True, "cached-prefix editing (same loss within 1e-4, ~4x faster); --no-fast is the "
+                          "reference full forward")
+    n_background: int = _setting(100, "unrelated prompts averaged into the background mean")
 
     def __post_init__(self) -> None:
         if not 0.0 <= self.tau <= 1.0:
             raise ValueError(f"tau={self.tau} is outside [0, 1]: it is a fraction of the mask size k")
-        if self.feature not in ("mean_decentered", "mean", "last"):
-            raise ValueError(f"feature={self.feature!r}: use mean_decentered, mean or last")
-        if self.stop_rule not in ("reference", "loss"):
-            raise ValueError(f"stop_rule={self.stop_rule!r}: use reference or loss")
-        if self.optimizer not in ("sgd", "adam"):
-            raise ValueError(f"optimizer={self.optimizer!r}: use sgd or adam")
+        for f in dataclasses.fields(self):
+            choices = f.metadata.get("choices")
+            if choices and getattr(self, f.name) not in choices:
+                raise ValueError(f"{f.name}={getattr(self, f.name)!r}: use {' or '.join(choices)}")
+        if not 0.0 <= self.weight_decay < 1.0:
+            raise ValueError(f"weight_decay={self.weight_decay} must be in [0, 1): it is a shrink per step")
         if self.k is not None and self.k <= 0:
             raise ValueError(f"k={self.k} must be a positive number of mask entries")
         if self.n_iter < 1:
@@ -106,13 +123,14 @@ class MemoirConfig:
         unknown = sorted(set(d) - known)
         if unknown:
             raise ValueError(f"unknown MemoirConfig keys {unknown}; known keys: {sorted(known)}")
-        return cls(**d)
+        return cls(**{"decay": "coupled", **d})  # stored before `decay` existed: the coupled rule ran
 
 
 # Named presets. "reference" is the paper's Llama-3-8B setting; per-model presets are measured
 # on that model (evidence in docs/defaults.md) and picked by `default_config(model_type, n_layers, D)`.
 PRESETS: dict[str, dict[str, Any]] = {
-    "reference": dict(tau=0.4, lr=1.0, n_iter=30, optimizer="sgd", grad_clip=1.0, fast=False),
+    "reference": dict(tau=0.4, lr=1.0, n_iter=30, optimizer="sgd", grad_clip=1.0, fast=False, weight_decay=1e-5,
+                      decay="coupled"),
     "llama3-8b": dict(layer=27, k=4096, tau=0.4, lr=1.0, n_iter=30),
     "gptj-6b": dict(layer=21, k=4096, tau=0.4, lr=1.0, n_iter=70),
     # SmolLM2-135M (30 blocks, D=1536), measured: see docs/defaults.md

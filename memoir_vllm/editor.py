@@ -6,9 +6,11 @@ the blocks after it, computing logits only where the loss needs them; same loss 
 """
 from __future__ import annotations
 
+import contextlib
 import logging
 import time
 from dataclasses import dataclass, field
+from typing import Iterator
 
 import torch
 import torch.nn.functional as F
@@ -92,6 +94,24 @@ def converged(losses: list[float], cfg: MemoirConfig) -> bool:
     return len(losses) >= 2 and abs(losses[-1] - losses[-2]) <= cfg.stop_delta
 
 
+@contextlib.contextmanager
+def decay_step(w: torch.Tensor, shard: int, cfg: MemoirConfig) -> Iterator[None]:
+    """Weight decay around one optimizer step, on the trained shard W_m[shard] only (closed shards never shrink).
+
+    coupled (the reference): the optimizer's L2 term, grad += wd * W before the step (torch's own
+    weight_decay arithmetic, so the reference trajectory is bit-for-bit unchanged); SGD then shrinks
+    W by lr * wd per step, so the shrink grows with the learning rate.
+    decoupled: W *= 1 - wd after the step, the same shrink whatever the learning rate.
+    """
+    wd = cfg.weight_decay
+    if wd and cfg.decay == "coupled":
+        w.grad[shard].add_(w.detach()[shard], alpha=wd)
+    yield
+    if wd and cfg.decay == "decoupled":
+        with torch.no_grad():
+            w[shard].mul_(1.0 - wd)
+
+
 class SequentialEditor:
     """Writes edits one after another into a ResidualMemory attached to `model`.
 
@@ -128,11 +148,8 @@ class SequentialEditor:
         step_fn, mask_idx = (self._fast_steps if self.cfg.fast else self._reference_steps)(batch, shard)
         result = EditResult(edit_id=-1, mask_idx=mask_idx)
         w = self.memory.weight.requires_grad_(True)
-        opt = (
-            torch.optim.SGD([w], lr=self.cfg.lr, weight_decay=self.cfg.weight_decay)
-            if self.cfg.optimizer == "sgd"
-            else torch.optim.Adam([w], lr=self.cfg.lr, weight_decay=self.cfg.weight_decay)
-        )
+        opt_cls = torch.optim.SGD if self.cfg.optimizer == "sgd" else torch.optim.Adam
+        opt = opt_cls([w], lr=self.cfg.lr)  # decay is applied by decay_step, to this edit's shard only
         losses = result.losses
         for _ in range(self.cfg.n_iter):
             if converged(losses, self.cfg):
@@ -142,7 +159,8 @@ class SequentialEditor:
             loss.backward()
             if self.cfg.grad_clip > 0:
                 torch.nn.utils.clip_grad_norm_([w], self.cfg.grad_clip)
-            opt.step()
+            with decay_step(w, shard, self.cfg):
+                opt.step()
             losses.append(loss.item())
         w.grad = None
         result.edit_id = self.memory.add_edit(mask_idx, edit_id=edit_id, shard=shard)
