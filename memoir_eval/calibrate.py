@@ -22,7 +22,8 @@ from tqdm.auto import tqdm
 
 from memoir_vllm.hf import down_proj_path, get_module
 from memoir_vllm.session import builtin_background
-from memoir_vllm.tophash import indices_to_mask, make_permutation, prompt_feature, tophash
+from memoir_vllm.memory import ResidualMemory
+from memoir_vllm.tophash import Pooled, indices_to_mask, pool_prompt, tophash
 
 from .data import STREAM_END, load_records
 
@@ -90,22 +91,12 @@ def capture(model, tok, texts: list[str], layers: list[int], batch_size: int = 1
     return acts
 
 
-def features(acts: list[torch.Tensor], kind: str, bg_mean: torch.Tensor, bg_std: torch.Tensor) -> torch.Tensor:
-    """[N, D] prompt features; 'zscore' = mean_decentered / per-unit std over the background texts."""
-    out = []
-    for a in acts:
-        mask = torch.ones(1, a.shape[0], dtype=torch.bool)
-        base = "mean_decentered" if kind == "zscore" else kind
-        v = prompt_feature(a.unsqueeze(0), mask, bg_mean, base)[0]
-        out.append(v / bg_std if kind == "zscore" else v)
-    return torch.stack(out)
-
-
-def best_overlaps(q: torch.Tensor, stored: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Best overlap ratio and row of each query mask [B, D] bool against stored masks [N, D] bool."""
-    ov = q.float() @ stored.float().T  # [B, N]
-    best, row = ov.max(1)
-    return best / k, row
+def features(acts: list[torch.Tensor], memory: ResidualMemory, bg_std: torch.Tensor | None = None) -> torch.Tensor:
+    """[N, D] routing features of whole-prompt activations [T, D] each, by the memory's own rule;
+    bg_std divides them per unit ('zscore': mean_decentered / background std, calibration-only)."""
+    pooled = [pool_prompt(a.unsqueeze(0), torch.ones(1, a.shape[0], dtype=torch.bool)) for a in acts]
+    v = memory.feature_of(Pooled(*(torch.cat([getattr(p, f) for p in pooled]) for f in ("sum", "count", "last"))))
+    return v / bg_std if bg_std is not None else v
 
 
 def pick_tau(unrelated_best: torch.Tensor, k: int, max_false: float) -> float:
@@ -120,27 +111,35 @@ def _quantiles(x: torch.Tensor) -> dict[str, float]:
         "max": round(x.max().item(), 4)}
 
 
+def routing_memory(d_inner: int, kind: str, k: int, seed: int, background: torch.Tensor) -> ResidualMemory:
+    """A memory that only routes (no W_m) for one calibration option; tau 0 so decide() reports every best match."""
+    memory = ResidualMemory(0, d_inner, k, tau=0.0, seed=seed, feature="mean_decentered" if kind == "zscore" else kind)
+    memory.background.copy_(background)
+    return memory
+
+
 def evaluate_option(acts: dict[str, list[torch.Tensor]], bg: list[torch.Tensor], cal: CalibrationSet,
                     kind: str, k: int, seed: int, max_false: float) -> dict[str, Any]:
     """Overlap distributions, the chosen tau and routing quality for one (layer's acts, feature, k)."""
     mean, std = bg[0], bg[1]
     d = mean.shape[0]
-    perm = make_permutation(d, seed)
+    memory = routing_memory(d, kind, k, seed, mean)
+    std = std if kind == "zscore" else None
 
-    def masks(texts_acts):
-        return indices_to_mask(tophash(features(texts_acts, kind, mean, std), k, perm), d)
+    def mask_idx(texts_acts):
+        return tophash(features(texts_acts, memory, std), k, memory.perm)  # [N, k]
 
-    stored, para, unrel = masks(acts["stored"]), masks(acts["paraphrases"]), masks(acts["unrelated"])
+    stored = mask_idx(acts["stored"])
+    memory.index.add(indices_to_mask(stored, d), torch.arange(len(stored)))
+    para, unrel = memory.decide_masks(mask_idx(acts["paraphrases"])), memory.decide_masks(mask_idx(acts["unrelated"]))
     owner = torch.tensor(cal.para_owner)
-    p_best, p_row = best_overlaps(para, stored, k)
-    own = (para.float() * stored[owner].float()).sum(1) / k
-    u_best, _ = best_overlaps(unrel, stored, k)
-    tau = pick_tau(u_best, k, max_false)
-    right = ((p_row == owner) & (p_best >= tau)).float().mean().item()
+    own = (indices_to_mask(para.mask_idx, d) & memory.index.masks(owner)).sum(1).float() / k
+    tau = pick_tau(unrel.ratio, k, max_false)
+    right = ((para.best == owner) & (para.ratio >= tau)).float().mean().item()
     return dict(
-        feature=kind, k=k, tau=tau, para_best_is_own=round((p_row == owner).float().mean().item(), 4),
-        para_routed_right=round(right, 4), unrelated_routed=round((u_best >= tau).float().mean().item(), 4),
-        paraphrase_own_overlap=_quantiles(own), unrelated_best_overlap=_quantiles(u_best),
+        feature=kind, k=k, tau=tau, para_best_is_own=round((para.best == owner).float().mean().item(), 4),
+        para_routed_right=round(right, 4), unrelated_routed=round((unrel.ratio >= tau).float().mean().item(), 4),
+        paraphrase_own_overlap=_quantiles(own), unrelated_best_overlap=_quantiles(unrel.ratio),
         chance=round(k / d, 4),
     )
 

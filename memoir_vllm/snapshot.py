@@ -10,13 +10,12 @@ A snapshot store is a directory:
         edits.parquet         edit_id, prompt, target, mask (k indices), shard, created, source, active
 
 Each version is written into a temporary directory, fsynced, then renamed; LATEST is replaced
-after. A reader therefore sees a whole version or none, and a crash keeps the previous LATEST.
+after (memoir_vllm.atomic). A reader therefore sees a whole version or none, and a crash keeps the previous LATEST.
 Every path that takes a snapshot accepts the store or one version directory.
 """
 from __future__ import annotations
 
 import json
-import os
 import shutil
 import uuid
 from dataclasses import dataclass, field
@@ -29,9 +28,9 @@ import pyarrow.parquet as pq
 import torch
 from safetensors.torch import load_file, save_file
 
+from .atomic import TMP_PREFIX, atomic_dir, sha256_file, write_text_atomic
 from .config import MemoirConfig
 from .memory import ResidualMemory
-from .models import sha256_file
 
 FORMAT_VERSION = 1
 MANIFEST, WEIGHTS, EDITS, LATEST = "manifest.json", "memory.safetensors", "edits.parquet", "LATEST"
@@ -94,19 +93,6 @@ def latest_version(root: str | Path) -> Path | None:
         return None
 
 
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def _fsync_file(path: Path) -> None:
-    with open(path, "rb+") as f:
-        os.fsync(f.fileno())
-
-
 # -- save --------------------------------------------------------------------------------------
 
 
@@ -138,9 +124,8 @@ def save_snapshot(
     parent = latest_version(root)
     version = (json.loads((parent / MANIFEST).read_text())["version"] + 1) if parent else 1
     name = f"v{version:06d}"
-    tmp = root / f".tmp-{name}-{uuid.uuid4().hex[:8]}"
-    tmp.mkdir()
-    try:
+    final = root / name
+    with atomic_dir(final) as tmp:
         _write_files(tmp, memory, edits, config, model_id)
         manifest = {
             "format_version": FORMAT_VERSION,
@@ -166,16 +151,7 @@ def save_snapshot(
             **(extra or {}),
         }
         (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2))
-        for f in (WEIGHTS, EDITS, MANIFEST):
-            _fsync_file(tmp / f)
-        _fsync_dir(tmp)
-        final = root / name
-        os.rename(tmp, final)
-        _fsync_dir(root)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    _write_latest(root, name)
+    write_text_atomic(root / LATEST, name + "\n")
     _prune(root, keep)
     return final
 
@@ -206,19 +182,11 @@ def _write_files(d: Path, memory: ResidualMemory, edits: list[EditRecord], confi
     pq.write_table(table, d / EDITS)
 
 
-def _write_latest(root: Path, name: str) -> None:
-    tmp = root / f".{LATEST}.{uuid.uuid4().hex[:8]}"
-    tmp.write_text(name + "\n")
-    _fsync_file(tmp)
-    os.replace(tmp, root / LATEST)
-    _fsync_dir(root)
-
-
 def _prune(root: Path, keep: int) -> None:
     versions = sorted(p for p in root.glob("v[0-9]*") if p.is_dir())
     for old in versions[: max(0, len(versions) - max(keep, 1))]:
         shutil.rmtree(old, ignore_errors=True)
-    for stale in root.glob(".tmp-*"):  # left by a crash before its rename
+    for stale in root.glob(f"{TMP_PREFIX}*"):  # left by a crash before its rename
         shutil.rmtree(stale, ignore_errors=True)
 
 

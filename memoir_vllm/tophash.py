@@ -4,6 +4,8 @@ All functions are pure: activations in, features or masks out.
 """
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 
 
@@ -13,22 +15,30 @@ def make_permutation(d_inner: int, seed: int) -> torch.Tensor:
     return torch.randperm(d_inner, generator=gen)  # [D] int64
 
 
-def prompt_feature(
-    acts: torch.Tensor, prompt_mask: torch.Tensor, background: torch.Tensor | None, kind: str = "mean_decentered"
-) -> torch.Tensor:
-    """Feature v(x) of each row from the FFN activations over its prompt tokens.
+@dataclass
+class Pooled:
+    """What a prompt feature is computed from, per row: the sum and count of its routing tokens'
+    activations and the activation of its last routing token. The vLLM op accumulates these across
+    the steps of a request; the transformers path pools them from one forward."""
 
-    acts: [B, T, D] activations a_t entering the down-projection.
-    prompt_mask: [B, T] bool, True on the prompt's tokens (BOS in, padding and target out).
-    background: [D] mean activation of unrelated prompts (used by mean_decentered).
-    Returns [B, D] float32.
-    """
+    sum: torch.Tensor  # [B, D] float32
+    count: torch.Tensor  # [B] float32
+    last: torch.Tensor  # [B, D] float32
+
+
+def pool_prompt(acts: torch.Tensor, prompt_mask: torch.Tensor) -> Pooled:
+    """Pool activations [B, T, D] over the routing tokens prompt_mask [B, T] (BOS in, padding and target out)."""
     m = prompt_mask.to(torch.float32).unsqueeze(-1)  # [B, T, 1]
     a = acts.to(torch.float32)
+    last = prompt_mask.to(torch.int64).cumsum(1).argmax(1)  # [B] index of the last routing token
+    return Pooled((a * m).sum(1), m.sum((1, 2)), a[torch.arange(a.shape[0], device=a.device), last])
+
+
+def feature_from_pool(p: Pooled, background: torch.Tensor | None, kind: str = "mean_decentered") -> torch.Tensor:
+    """Feature v(x) [B, D] float32 of each row: its mean (minus the background mean [D]) or its last token."""
     if kind == "last":
-        last = prompt_mask.to(torch.int64).cumsum(1).argmax(1)  # [B] index of the last prompt token
-        return a[torch.arange(a.shape[0]), last]  # [B, D]
-    mean = (a * m).sum(1) / m.sum(1).clamp_min(1.0)  # [B, D]
+        return p.last
+    mean = p.sum / p.count.clamp_min(1.0).unsqueeze(-1)  # [B, D]
     if kind == "mean":
         return mean
     if kind == "mean_decentered":
@@ -36,6 +46,14 @@ def prompt_feature(
             raise ValueError("feature 'mean_decentered' needs a background mean; compute one first")
         return mean - background.to(torch.float32)
     raise ValueError(f"unknown feature {kind!r}: use mean_decentered, mean or last")
+
+
+def prompt_feature(
+    acts: torch.Tensor, prompt_mask: torch.Tensor, background: torch.Tensor | None, kind: str = "mean_decentered"
+) -> torch.Tensor:
+    """Feature v(x) [B, D] of each row from the activations [B, T, D] entering the down-projection
+    over its prompt tokens [B, T]; background [D] is used by mean_decentered."""
+    return feature_from_pool(pool_prompt(acts, prompt_mask), background, kind)
 
 
 def tophash(feature: torch.Tensor, k: int, perm: torch.Tensor) -> torch.Tensor:

@@ -30,7 +30,8 @@ import numpy as np
 
 from memoir_vllm.hf import MemoirLayer, routed
 from memoir_vllm.memory import ResidualMemory
-from memoir_vllm.vllm.layer import _ROUTERS, memory_term
+from memoir_vllm.vllm import attachment
+from memoir_vllm.vllm.layer import memory_term
 from memoir_vllm.vllm.routing import Router
 
 log = logging.getLogger("bench_memory_op")
@@ -75,7 +76,7 @@ def bench_serving(layer: MemoirLayer, batch: int, tokens: int, repeats: int, dev
     dtype = base.weight.dtype
     router = Router(mem, max_reqs=batch, max_tokens=batch * tokens, dtype=dtype, device=device)
     name = f"bench.{id(router)}"
-    _ROUTERS[name] = router
+    attachment.standalone(name, router)
     d_model = mem.d_model
     prefill_a = torch.randn(batch * tokens, mem.d_inner, dtype=dtype, device=device)
     decode_a = prefill_a[:batch].clone()
@@ -115,7 +116,7 @@ def bench_serving(layer: MemoirLayer, batch: int, tokens: int, repeats: int, dev
             res[f"{label}_{phase}_s"] = op
             res[f"{label}_{phase}_prepare_s"] = prep
             res[f"{label}_{phase}_ratio"] = round(op / res[f"base_{phase}_s"], 3)
-    del _ROUTERS[name]
+    attachment.remove(name)
     return res
 
 

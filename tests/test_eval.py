@@ -8,7 +8,7 @@ import math
 import pytest
 import torch
 
-from memoir_eval.calibrate import best_overlaps, pick_tau
+from memoir_eval.calibrate import pick_tau, routing_memory
 from memoir_eval.metrics import exact_match, locality, mean_stderr, normalize_answer, perplexity, token_accuracy
 from memoir_eval.protocol import chunk_positions, summarize
 
@@ -65,10 +65,10 @@ def test_perplexity_report_shows_the_median_and_plots_ppl(tmp_path):
 
 
 def test_tau_choice_and_overlaps():
-    stored = torch.tensor([[1, 1, 0, 0], [0, 0, 1, 1]], dtype=torch.bool)
-    q = torch.tensor([[1, 0, 1, 0], [1, 1, 0, 0]], dtype=torch.bool)
-    ratio, row = best_overlaps(q, stored, k=2)
-    assert ratio.tolist() == [0.5, 1.0] and row.tolist() == [0, 0]
+    memory = routing_memory(4, "mean_decentered", k=2, seed=0, background=torch.zeros(4))
+    memory.index.add(torch.tensor([[1, 1, 0, 0], [0, 0, 1, 1]], dtype=torch.bool), torch.arange(2))
+    d = memory.decide_masks(torch.tensor([[0, 2], [0, 1]]))  # calibration routes by the memory's own rule
+    assert d.ratio.tolist() == [0.5, 1.0] and d.best.tolist() == [0, 0]
     tau = pick_tau(torch.tensor([0.3, 0.4, 0.42]), k=100, max_false=0.0)
     assert tau == pytest.approx(0.43)
 

@@ -11,32 +11,34 @@ import numpy as np
 import torch
 
 from memoir_vllm.memory import ResidualMemory
-from memoir_vllm.vllm.layer import _ROUTERS, memory_term
+from memoir_vllm.vllm import attachment
+from memoir_vllm.vllm.layer import memory_term
 from memoir_vllm.vllm.routing import Router
 
 D, DM, K = 64, 16, 16
 
 
-def make_memory(prompts: dict[str, torch.Tensor]) -> ResidualMemory:
-    """A memory whose edits are the TopHash masks of the given prompts' activations."""
+def make_memory(prompts: dict[str, torch.Tensor], feature: str = "mean_decentered", n_shards: int = 1) -> ResidualMemory:
+    """A memory whose edits are the TopHash masks of the given prompts' activations (edit i on shard i % n_shards)."""
     torch.manual_seed(0)
-    mem = ResidualMemory(DM, D, K, tau=0.7, seed=0)
+    mem = ResidualMemory(DM, D, K, tau=0.7, seed=0, feature=feature, n_shards=n_shards)
     mem.background.copy_(torch.randn(D) * 0.1)
-    for a in prompts.values():
-        mem.add_edit(mem.masks_from_acts(a.unsqueeze(0), torch.ones(1, a.shape[0], dtype=torch.bool))[0])
+    for i, a in enumerate(prompts.values()):
+        mem.add_edit(mem.masks_from_acts(a.unsqueeze(0), torch.ones(1, a.shape[0], dtype=torch.bool))[0],
+                     shard=i % n_shards)
     with torch.no_grad():
         mem.weight.normal_(0, 0.5)
     return mem
 
 
 def reference(mem: ResidualMemory, prompt_acts: torch.Tensor, acts: torch.Tensor) -> torch.Tensor:
-    """Memory term for tokens acts [T, D] of a request whose prompt activations are prompt_acts [P, D]."""
+    """Memory term for tokens acts [T, D] of a request whose prompt activations are prompt_acts [P, D]
+    (the transformers path: one forward over the whole prompt)."""
     idx = mem.masks_from_acts(prompt_acts.unsqueeze(0), torch.ones(1, prompt_acts.shape[0], dtype=torch.bool))
-    row, _, _ = mem.route(idx)
-    if row[0] < 0:
+    d = mem.decide_masks(idx)
+    if d.row[0] < 0:
         return torch.zeros(acts.shape[0], DM)
-    masks = mem.index.masks(row)
-    return mem.delta(acts.unsqueeze(0), masks, mem.index.shards[row])[0]
+    return mem.delta(acts.unsqueeze(0), d.mask, d.shard)[0]
 
 
 def step(router: Router, name: str, reqs: list[tuple[str, int, int, int, bool]], acts: torch.Tensor, live: set[str],
@@ -55,7 +57,7 @@ def test_router_matches_reference_under_continuous_batching():
     p = {name: torch.randn(n, D) for name, n in (("A", 5), ("B", 6), ("C", 4), ("U", 3))}
     mem = make_memory({"A": p["A"], "B": p["B"], "C": p["C"]})  # U matches nothing
     router = Router(mem, max_reqs=4, max_tokens=32, dtype=torch.float32, device=torch.device("cpu"))
-    _ROUTERS["t"] = router
+    attachment.standalone("t", router)
     live = {"A", "B", "C", "U"}
     # step 1: A whole prompt, B first chunk (4 of 6), C opted out, U whole prompt
     x1 = torch.cat([p["A"], p["B"][:4], p["C"], p["U"]])
@@ -85,7 +87,7 @@ def test_unrouted_tokens_are_bit_identical_and_warmup_is_a_no_op():
     p = torch.randn(4, D)
     mem = make_memory({"A": p})
     router = Router(mem, max_reqs=2, max_tokens=16, dtype=torch.float32, device=torch.device("cpu"))
-    _ROUTERS["u"] = router
+    attachment.standalone("u", router)
     base = torch.randn(4, DM) * 1e-8 - 0.0
     out = base.clone()
     memory_term(p, out, "u")  # not armed: a profiling forward
@@ -100,10 +102,32 @@ def test_prefix_hit_reuses_the_remembered_decision():
     p = torch.randn(6, D)
     mem = make_memory({"A": p})
     router = Router(mem, max_reqs=2, max_tokens=16, dtype=torch.float32, device=torch.device("cpu"))
-    _ROUTERS["p"] = router
+    attachment.standalone("p", router)
     step(router, "p", [("r1", 0, 6, 6, False)], p, {"r1"}, [b"P"])
     step(router, "p", [("r1", 6, 1, 6, False)], torch.randn(1, D), {"r1"}, [b"P"])  # read back r1's decision
     # same prompt (same key) again, first 4 tokens cached: only the last 2 run, the decision is reused
     out = step(router, "p", [("r2", 4, 2, 6, False)], p[4:], {"r2"}, [b"P"])
     assert router.counts["reused"] == 1
     assert torch.allclose(out, reference(mem, p, p[4:]), atol=1e-5) and out.abs().sum() > 0
+
+
+def test_last_token_feature_and_shards_route_like_the_transformers_path():
+    """feature="last" is decided from each request's last prompt token (also when the prompt comes in
+    two chunks), and each routed token takes its own edit's shard of W_m."""
+    torch.manual_seed(4)
+    p = {name: torch.randn(n, D) for name, n in (("A", 5), ("B", 6), ("C", 4))}
+    mem = make_memory(p, feature="last", n_shards=3)
+    router = Router(mem, max_reqs=4, max_tokens=32, dtype=torch.float32, device=torch.device("cpu"))
+    attachment.standalone("last", router)
+    live = {"A", "B", "C"}
+    o1 = step(router, "last", [("A", 0, 5, 5, False), ("B", 0, 3, 6, False), ("C", 0, 4, 4, False)],
+              torch.cat([p["A"], p["B"][:3], p["C"]]), live)
+    assert torch.allclose(o1[:5], reference(mem, p["A"], p["A"]), atol=1e-5) and o1[:5].abs().sum() > 0
+    assert torch.allclose(o1[8:], reference(mem, p["C"], p["C"]), atol=1e-5) and o1[8:].abs().sum() > 0
+    o2 = step(router, "last", [("B", 3, 3, 6, False)], p["B"][3:], live)
+    assert torch.allclose(o2, reference(mem, p["B"], p["B"][3:]), atol=1e-5) and o2.abs().sum() > 0
+    # a prompt whose last token alone is another edit's last token routes to that edit
+    hybrid = torch.cat([p["A"][:-1], p["C"][-1:]])
+    o3 = step(router, "last", [("H", 0, 5, 5, False)], hybrid, {"H"})
+    assert torch.allclose(o3, reference(mem, p["C"], hybrid), atol=1e-5) and o3.abs().sum() > 0
+    attachment.remove("last")

@@ -6,34 +6,30 @@
 The memory term runs as one opaque custom op (`torch.ops.memoir.memory_term`), so torch.compile
 and vLLM's graph capture treat it like attention: the graph around it is compiled, the op reads
 the router's preallocated buffers at run time (no Python scalars frozen into a graph, no
-`.item()` in the hot path). The op, as a reference loop per step:
+`.item()` in the hot path). The routing rule itself is ResidualMemory's (memory.py); the op only
+feeds it. As a reference loop per step:
 
-    for t in prompt tokens of undecided requests:  acc[slot(t)] += a[t]
-    for s in slots whose prompt completes now:     decide(s) from acc[s] / n_prompt[s] - background
-    for t in tokens:                               if slot_row[slot(t)] >= 0: out[t] += W_m (M ⊙ a[t])
+    for t in routing tokens of undecided requests:  acc[slot(t)] += a[t]
+    for s in slots whose prompt completes now:      slot decision = memory.decide(feature(acc[s], n[s], a[last(s)]))
+    for t in tokens:                                if slot_row[slot(t)] >= 0: out[t] += memory_term(a[t], slot)
 """
 from __future__ import annotations
-
-import logging
 
 import torch
 from torch import nn
 
-from ..memory import ResidualMemory
-from ..tophash import indices_to_mask, tophash
-from .routing import NO_MEMORY, Router
-
-log = logging.getLogger(__name__)
-
-_ROUTERS: dict[str, Router] = {}  # layer name -> router (one per memoir layer in this process)
+from ..tophash import Pooled
+from . import attachment
+from .routing import Router
 
 
 @torch.library.custom_op("memoir::memory_term", mutates_args=("out",))
 def memory_term(a: torch.Tensor, out: torch.Tensor, name: str) -> None:
     """Add the routed memory term to out [T, d_model] in place, from activations a [T, D]."""
-    router = _ROUTERS.get(name)
-    if router is None or not router.plan.armed:
-        return  # profiling / warm-up forwards: base model
+    att = attachment.by_name(name)
+    if att is None or not att.router.plan.armed:
+        return  # profiling / warm-up forwards, or the memory is off: base model
+    router = att.router
     plan = router.plan
     plan.armed = False
     t = a.shape[0]
@@ -44,19 +40,11 @@ def memory_term(a: torch.Tensor, out: torch.Tensor, name: str) -> None:
         prompt = router.tok_prompt[:t]  # [T]
         router.acc.index_add_(0, torch.where(prompt, slot_x, torch.full_like(slot_x, sink)), a.float())  # [S+1, D]
     if plan.n_decide:
-        _decide(router, router.dec_slots[: plan.n_decide])
+        _decide(router, a, plan.n_decide)
     if not plan.need_memory:
         return
-    mem = router.memory
     rows = router.slot_row[slot_x]  # [T]
-    masked = a * router.slot_mask[slot_x]  # [T, D]
-    if mem.n_shards == 1:
-        delta = masked @ mem.weight[0].T  # [T, d_model]
-    else:
-        shard = router.slot_shard[slot_x]  # [T]
-        delta = torch.zeros_like(out)
-        for s in range(mem.n_shards):
-            delta += (masked * (shard == s).unsqueeze(1).to(masked.dtype)) @ mem.weight[s].T  # [T, d_model]
+    delta = router.memory.memory_term(a, router.slot_mask[slot_x], router.slot_shard[slot_x])  # [T, d_model]
     out.copy_(torch.where((rows >= 0).unsqueeze(1), out + delta.to(out.dtype), out))
 
 
@@ -65,47 +53,24 @@ def _(a: torch.Tensor, out: torch.Tensor, name: str) -> None:
     return None
 
 
-def _decide(router: Router, slots: torch.Tensor) -> None:
-    """Route the slots whose prompt is complete: mean feature -> TopHash -> best active match -> tau."""
-    mem: ResidualMemory = router.memory
-    mean = router.acc[slots] / router.n_prompt[slots].unsqueeze(1)  # [n, D]
-    feature = mean - mem.background.float() if mem.feature == "mean_decentered" else mean  # [n, D]
-    mask_idx = tophash(feature, mem.k, mem.perm)  # [n, k]
-    n = slots.shape[0]
-    index = mem.index
-    if len(index) == 0:
-        row = torch.full((n,), NO_MEMORY, dtype=torch.int64, device=slots.device)
-        ratio = torch.zeros(n, device=slots.device)
-    else:
-        overlaps = index.overlaps(indices_to_mask(mask_idx, mem.d_inner))  # [n, N], -1 on inactive rows
-        best, best_row = overlaps.max(dim=1)  # [n]
-        ratio = best.float().to(slots.device) / mem.k
-        row = torch.where(ratio >= mem.tau, best_row.to(slots.device), torch.full_like(best_row, NO_MEMORY))  # [n]
-    router.slot_row[slots] = row
-    router.slot_ratio[slots] = ratio
-    routed = row >= 0  # [n]
-    safe = row.clamp_min(0).to(index.packed.device)
-    if len(index):
-        masks = index.masks(safe).to(router.slot_mask.device, router.slot_mask.dtype)  # [n, D]
-        router.slot_mask[slots] = masks * routed.unsqueeze(1).to(masks.dtype)
-        router.slot_shard[slots] = index.shards[safe].to(slots.device)
-    else:
-        router.slot_mask[slots] = 0
+def _decide(router: Router, a: torch.Tensor, n: int) -> None:
+    """Route the n slots whose prompt completes in this step (ResidualMemory.decide) and keep the decisions."""
+    slots = router.dec_slots[:n]
+    pooled = Pooled(router.acc[slots], router.n_prompt[slots], a[router.dec_last[:n]].float())
+    d = router.memory.decide(router.memory.feature_of(pooled))
+    router.slot_row[slots] = d.row
+    router.slot_mask[slots] = d.mask.to(router.slot_mask.dtype)
+    router.slot_shard[slots] = d.shard
     router.acc[slots] = 0
 
 
 class MemoirDownProj(nn.Module):
     """Wraps vLLM's down-projection (a LinearBase returning (out, bias)) with the memory term."""
 
-    def __init__(self, base_layer: nn.Module, router: Router, name: str) -> None:
+    def __init__(self, base_layer: nn.Module, name: str) -> None:
         super().__init__()
         self.base_layer = base_layer
-        self.memoir_name = name  # the memory lives in the router, not in the model's parameters
-        _ROUTERS[name] = router
-
-    @property
-    def router(self) -> Router:
-        return _ROUTERS[self.memoir_name]
+        self.memoir_name = name  # the memory lives in the attachment registry, not in the model's parameters
 
     def forward(self, x: torch.Tensor):  # x: [T, D]
         out, bias = self.base_layer(x)  # [T, d_model]

@@ -32,7 +32,6 @@ from __future__ import annotations
 import json
 import logging
 import os
-from pathlib import Path
 from typing import Any
 
 log = logging.getLogger(__name__)
@@ -78,7 +77,7 @@ def _force_v1_runner() -> None:
 def _refuse_v2(runner: Any) -> None:
     from . import shim
 
-    if shim.snapshot_of(runner.vllm_config):
+    if shim.snapshot_of(shim.runner_config(runner)):
         raise RuntimeError("memoir: vLLM chose Model Runner V2, which memoir does not hook; "
                            "set VLLM_USE_V2_MODEL_RUNNER=0 (memoir serve and MEMOIR_SNAPSHOT do this for you)")
 
@@ -139,84 +138,73 @@ def _config_salt(vllm_config: Any) -> str | None:
 def _after_load(runner: Any) -> None:
     from . import shim
 
-    path = shim.snapshot_of(runner.vllm_config)
+    path = shim.snapshot_of(shim.runner_config(runner))
     if path is None:
         return
     attach_snapshot(runner, path)
 
 
-def attach_snapshot(runner: Any, path: str) -> None:
-    """Load a snapshot, check it against the served model, and wrap its layer's down_proj."""
-    import torch
-
-    from ..hf import get_module
+def _loaded_for(runner: Any, path: str):
+    """The snapshot at path, checked against the model this runner serves."""
     from ..snapshot import check_model, load_snapshot
     from . import shim
+
+    snap = load_snapshot(path)
+    check_model(snap.manifest, served_model_identity(shim.runner_config(runner)), snap.manifest["module"])
+    return snap
+
+
+def attach_snapshot(runner: Any, path: str) -> None:
+    """Load a snapshot, check it against the served model, and wrap its layer's down_proj."""
+    from ..hf import get_module
+    from . import attachment, shim
     from .layer import MemoirDownProj
     from .routing import Router
 
     if shim.cuda_graphs_enabled(runner):
         raise RuntimeError("memoir on GPU runs without CUDA graphs for now (the per-step routing state would be "
                            "frozen into captured graphs): pass enforce_eager=True / --enforce-eager")
-    snap = load_snapshot(path)
-    check_model(snap.manifest, served_model_identity(runner.vllm_config), snap.manifest["module"])
-    model = shim.runner_model(runner)
+    snap = _loaded_for(runner, path)
     module_path = snap.manifest["module"]
     parent_path, child = module_path.rsplit(".", 1)
     try:
-        parent = get_module(model, parent_path)
+        parent = get_module(shim.runner_model(runner), parent_path)
         current = getattr(parent, child)
     except (AttributeError, IndexError) as e:
         raise RuntimeError(f"memoir: the served model has no module {module_path} ({e}); "
                            "is the snapshot made for this architecture?") from e
     base = current.base_layer if isinstance(current, MemoirDownProj) else current
-    shape = (getattr(base, "output_size_per_partition", None), getattr(base, "input_size_per_partition", None))
+    shape = shim.partition_shape(base)
     if shape != (snap.memory.d_model, snap.memory.d_inner):
         raise RuntimeError(f"memoir: {module_path} maps {shape[1]} -> {shape[0]} features per partition, the snapshot "
                            f"expects {snap.memory.d_inner} -> {snap.memory.d_model}; tensor parallelism is not "
                            "supported (use tensor_parallel_size=1)")
-    dtype, device = runner.model_config.dtype, runner.device
-    memory = snap.memory.to(device)
-    with torch.no_grad():
-        memory.weight.data = memory.weight.data.to(dtype)
-    max_reqs, max_tokens = shim.runner_limits(runner)
-    router = Router(memory, max_reqs, max_tokens, dtype, device)
-    wrapped = MemoirDownProj(base, router, module_path)
+    dtype, device = shim.runner_dtype_device(runner)
+    memory = attachment.for_serving(snap.memory, device, dtype)
+    router = Router(memory, *shim.runner_limits(runner), dtype, device)
+    wrapped = MemoirDownProj(base, module_path)
     setattr(parent, child, wrapped)
-    runner._memoir_router = router
-    runner._memoir_slot = (parent, child, wrapped, base)  # where memoir_enable() swaps the layer
-    runner._memoir_snapshot = str(snap.path)
+    attachment.register(attachment.Attachment(module_path, router, parent, child, wrapped, base, str(snap.path),
+                                              attachment.runner_ref(runner)))
     log.info("memoir: %s attached at %s (%d edits, %d active, tau %.3f)", snap.path, module_path,
              memory.n_edits, memory.index.n_active, memory.tau)
 
 
 def served_model_identity(vllm_config: Any) -> dict:
-    """model_identity() of the served model's transformers config (what a snapshot is bound to)."""
-    from ..models import model_identity
+    """model identity (models.config_identity) of the served model: what a snapshot is bound to."""
+    from ..models import config_identity
     from . import shim
 
-    d = shim.hf_config_dict(vllm_config)
-
-    class _Config:
-        model_type = d.get("model_type")
-        _name_or_path = str(vllm_config.model_config.model)
-
-        @staticmethod
-        def to_dict() -> dict:
-            return dict(d)
-
-    class _Model:
-        config = _Config()
-
-    return model_identity(_Model())
+    return config_identity(shim.hf_config_dict(vllm_config), shim.served_model_path(vllm_config))
 
 
 def _after_prepare(runner: Any, scheduler_output: Any, num_scheduled_tokens: Any) -> None:
-    router = getattr(runner, "_memoir_router", None)
-    if router is None:
-        return
-    from . import shim
+    from . import attachment, shim
 
+    att = attachment.of_runner(runner)
+    if att is None or not att.enabled:
+        return
+    router = att.router
     view = shim.batch_view(runner, num_scheduled_tokens, router.keys)
     router.prepare(view.req_ids, view.num_computed, view.num_scheduled, view.num_prompt, view.opted_out,
                    view.prompt_keys, shim.live_request_ids(runner))
@@ -233,13 +221,15 @@ class MemoirWorkerExtension:
     so that no KV computed under the old memory is reused.
     """
 
-    def _memoir_router(self):
-        router = getattr(self.model_runner, "_memoir_router", None)
-        if router is None:
-            if getattr(self.model_runner, "_memoir_slot", None) is not None:
-                raise RuntimeError("memoir: the memory is switched off; call memoir_enable(True) first")
+    def _memoir_attachment(self, enabled: bool = True):
+        from . import attachment
+
+        att = attachment.of_runner(self.model_runner)
+        if att is None:
             raise RuntimeError("memoir: this engine has no snapshot attached (set MEMOIR_SNAPSHOT or hf_overrides)")
-        return router
+        if enabled and not att.enabled:
+            raise RuntimeError("memoir: the memory is switched off; call memoir_enable(True) first")
+        return att
 
     def memoir_enable(self, enabled: bool) -> bool:
         """Switch the memory off (no routing runs, every token gets the base output) or on again.
@@ -250,38 +240,29 @@ class MemoirWorkerExtension:
         Call `llm.reset_prefix_cache()` after switching, so no KV computed in the other state is reused."""
         from . import shim
 
-        runner = self.model_runner
-        slot = getattr(runner, "_memoir_slot", None)
-        if slot is None:
-            raise RuntimeError("memoir: this engine has no snapshot attached (set MEMOIR_SNAPSHOT or hf_overrides)")
-        parent, child, wrapped, base = slot
-        swap = not shim.model_is_compiled(runner)
-        if enabled:
-            if swap:
-                setattr(parent, child, wrapped)
-            runner._memoir_router = wrapped.router
-            return True
-        if swap:
-            setattr(parent, child, base)
-        runner._memoir_router = None
-        return False
+        att = self._memoir_attachment(enabled=False)
+        if not shim.model_is_compiled(self.model_runner):
+            setattr(att.parent, att.child, att.wrapped if enabled else att.base)
+        att.enabled = bool(enabled)
+        return att.enabled
 
     def memoir_info(self) -> dict:
         """Snapshot path, edit counts and tau of the attached memory."""
-        r = self._memoir_router()
-        return {"snapshot": self.model_runner._memoir_snapshot, "n_edits": r.memory.n_edits,
-                "n_active": r.memory.index.n_active, "tau": r.memory.tau, "live_requests": len(r.states), **r.counts}
+        att = self._memoir_attachment()
+        r = att.router
+        return {"snapshot": att.snapshot, "n_edits": r.memory.n_edits, "n_active": r.memory.index.n_active,
+                "tau": r.memory.tau, "live_requests": len(r.states), **r.counts}
 
     def memoir_set_tau(self, tau: float) -> float:
         if not 0.0 <= tau <= 1.0:
             raise ValueError(f"tau={tau} is outside [0, 1]")
-        r = self._memoir_router()
+        r = self._memoir_attachment().router
         r.memory.tau = float(tau)
         r.clear_decisions()
         return r.memory.tau
 
     def memoir_set_active(self, edit_id: int, active: bool) -> int:
-        r = self._memoir_router()
+        r = self._memoir_attachment().router
         r.memory.index.set_active(int(edit_id), bool(active))
         r.clear_decisions()
         return r.memory.index.n_active
@@ -289,17 +270,17 @@ class MemoirWorkerExtension:
     def memoir_load_snapshot(self, path: str) -> dict:
         """Replace the attached memory by another snapshot for the same model and layer (best while idle:
         requests in flight finish on the base model)."""
-        from ..snapshot import check_model, load_snapshot
+        from . import attachment
 
-        r = self._memoir_router()
-        snap = load_snapshot(path)
-        check_model(snap.manifest, served_model_identity(self.model_runner.vllm_config), snap.manifest["module"])
+        att = self._memoir_attachment()
+        r = att.router
+        snap = _loaded_for(self.model_runner, path)
+        if snap.manifest["module"] != att.name:
+            raise ValueError(f"memoir: the new snapshot edits {snap.manifest['module']}, the attached one {att.name}")
         if (snap.memory.d_model, snap.memory.d_inner) != (r.memory.d_model, r.memory.d_inner):
             raise ValueError("memoir: the new snapshot has other dimensions than the attached one")
         r.detach_requests()  # requests in flight (if any) finish on the base model
-        memory = snap.memory.to(r.device)
-        memory.weight.data = memory.weight.data.to(r.dtype)
-        r.memory = memory
+        r.memory = attachment.for_serving(snap.memory, r.device, r.dtype)
         r.clear_decisions()
-        self.model_runner._memoir_snapshot = str(Path(snap.path))
+        att.snapshot = str(snap.path)
         return self.memoir_info()

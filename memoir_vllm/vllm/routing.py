@@ -6,10 +6,11 @@ request). Per step, after vLLM's runner has fixed its batch, `Router.prepare()` 
     tok_slot[t]   slot of the request of token t (-1: padding, no memory)          [T_max] int64
     tok_prompt[t] token t is a prompt token of a request not yet decided           [T_max] bool
     dec_slots[:n] slots whose prompt completes this step (decided in the forward)  [R_max] int64
+    dec_last[:n]  token index (in this step) of each deciding slot's last prompt token [R_max] int64
 
 with `copy_` into preallocated tensors. The layer (layer.py) then, inside the forward:
-accumulates the prompt tokens' activations per slot, decides the completing slots
-(mean feature -> TopHash -> best match -> tau), and adds W_m (M_i* ⊙ a) to every token of a
+accumulates the prompt tokens' activations per slot, decides the completing slots with
+ResidualMemory.decide (feature -> TopHash -> best match -> tau), and adds W_m (M_i* ⊙ a) to every token of a
 routed slot. Decisions (slot_row, -1 = base model) live in device tensors; the host mirror is
 refreshed at the next prepare() (never inside the forward).
 
@@ -23,7 +24,7 @@ from __future__ import annotations
 
 import logging
 from collections import OrderedDict
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import numpy as np
 import torch
@@ -54,11 +55,9 @@ class StepPlan:
     """Python-side facts of this step that the layer reads (set by prepare, consumed by one forward)."""
 
     armed: bool = False  # a real step was prepared and its forward has not run yet
-    num_tokens: int = 0
-    need_acc: bool = False
-    n_decide: int = 0
-    need_memory: bool = False
-    decided_slots: list[int] = field(default_factory=list)
+    need_acc: bool = False  # some token of this step is a prompt token of an undecided request
+    n_decide: int = 0  # slots decided in this step's forward (dec_slots[:n_decide])
+    need_memory: bool = False  # some token of this step may get the memory term
 
 
 class Router:
@@ -82,6 +81,7 @@ class Router:
         self.tok_slot = torch.full((max_tokens,), NO_MEMORY, dtype=torch.int64, device=device)  # [T_max]
         self.tok_prompt = torch.zeros(max_tokens, dtype=torch.bool, device=device)  # [T_max]
         self.dec_slots = torch.zeros(max_reqs, dtype=torch.int64, device=device)  # [R_max]
+        self.dec_last = torch.zeros(max_reqs, dtype=torch.int64, device=device)  # [R_max]
         self._tok_slot_host = torch.full((max_tokens,), NO_MEMORY, dtype=torch.int64)  # staging
         self._tok_prompt_host = torch.zeros(max_tokens, dtype=torch.bool)
         self._grow(max(2 * max_reqs, 8), d)
@@ -108,7 +108,6 @@ class Router:
 
         # one extra trailing row (index n) is a sink for padding tokens: never read as a decision
         self.slot_row = grown(getattr(self, "slot_row", None), (n + 1,), NO_MEMORY, torch.int64)  # [S+1]
-        self.slot_ratio = grown(getattr(self, "slot_ratio", None), (n + 1,), 0.0, torch.float32)  # [S+1]
         self.slot_shard = grown(getattr(self, "slot_shard", None), (n + 1,), 0, torch.int64)  # [S+1]
         self.slot_mask = grown(getattr(self, "slot_mask", None), (n + 1, d), 0.0, self.dtype)  # [S+1, D]
         self.acc = grown(getattr(self, "acc", None), (n + 1, d), 0.0, torch.float32)  # [S+1, D] prompt sums
@@ -196,6 +195,8 @@ class Router:
         undecided = np.zeros(n, dtype=bool)
         decide: list[int] = []
         decide_n: list[float] = []  # prompt tokens behind each deciding slot's feature
+        decide_last: list[int] = []  # token index of each deciding slot's last prompt token
+        offsets = np.cumsum(num_scheduled[:n]) - num_scheduled[:n]  # [R] first token of each row in this step
         fresh: list[int] = []  # new slots left undecided by the host: UNDECIDED until their forward decides
         need_memory = False
         for i, rid in enumerate(req_ids):
@@ -234,6 +235,7 @@ class Router:
                         self.counts["chunked"] += 1
                     decide.append(st.slot)
                     decide_n.append(float(max(st.n_prompt_seen, 1)))
+                    decide_last.append(int(offsets[i]) + max(plen - 1 - start, 0))
                     st.pending_readback = True
                     need_memory = True
             elif st.pending_readback or st.row >= 0:
@@ -258,8 +260,8 @@ class Router:
             dec = torch.tensor(decide, dtype=torch.int64)
             self.n_prompt[dec.to(self.device)] = torch.tensor(decide_n, device=self.device)
             self.dec_slots[: len(decide)].copy_(dec, non_blocking=True)
-        self.plan = StepPlan(armed=True, num_tokens=total, need_acc=bool(undecided.any()), n_decide=len(decide),
-                             need_memory=need_memory, decided_slots=decide)
+            self.dec_last[: len(decide)].copy_(torch.tensor(decide_last, dtype=torch.int64), non_blocking=True)
+        self.plan = StepPlan(armed=True, need_acc=bool(undecided.any()), n_decide=len(decide), need_memory=need_memory)
 
 
 def _aranges(counts: np.ndarray) -> np.ndarray:

@@ -28,7 +28,7 @@ def check_snapshot_for_model(snapshot: str | Path, model: str | None) -> tuple[P
     from transformers import AutoConfig
 
     from ..config import arch_spec
-    from ..models import model_identity, resolve_model_dir
+    from ..models import config_identity, resolve_model_dir
     from ..snapshot import check_model, load_snapshot
 
     snap = load_snapshot(snapshot)
@@ -36,11 +36,8 @@ def check_snapshot_for_model(snapshot: str | Path, model: str | None) -> tuple[P
     cfg = AutoConfig.from_pretrained(str(model_dir))
     spec = arch_spec(cfg.model_type)
 
-    class _Model:
-        config = cfg
-
     module = f"{spec.layers}.{snap.config.layer}.{spec.down_proj}"
-    check_model(snap.manifest, model_identity(_Model()), module)
+    check_model(snap.manifest, config_identity(cfg.to_dict(), getattr(cfg, "_name_or_path", None) or None), module)
     return snap.path.resolve(), model_dir.resolve()
 
 

@@ -122,6 +122,26 @@ def hf_config_dict(vllm_config: Any) -> dict:
     return d
 
 
+def served_model_path(vllm_config: Any) -> str:
+    """The model path or name an engine serves."""
+    return str(vllm_config.model_config.model)
+
+
+def runner_config(runner: Any) -> Any:
+    """The VllmConfig of a model runner."""
+    return runner.vllm_config
+
+
+def runner_dtype_device(runner: Any) -> tuple[Any, Any]:
+    """(activation dtype, device) of a model runner."""
+    return runner.model_config.dtype, runner.device
+
+
+def partition_shape(layer: Any) -> tuple[int | None, int | None]:
+    """(output, input) features of one tensor-parallel partition of a vLLM linear layer."""
+    return getattr(layer, "output_size_per_partition", None), getattr(layer, "input_size_per_partition", None)
+
+
 def runner_limits(runner: Any) -> tuple[int, int]:
     """(max_num_reqs, max_num_tokens per step) of a V1 model runner."""
     return int(runner.max_num_reqs), int(runner.max_num_tokens)
@@ -198,12 +218,6 @@ def model_is_compiled(runner: Any) -> bool:
 
 def runner_model(runner: Any) -> Any:
     return runner.model
-
-
-def is_v1_runner(runner: Any) -> bool:
-    from vllm.v1.worker.gpu_model_runner import GPUModelRunner
-
-    return isinstance(runner, GPUModelRunner)
 
 
 # -- patches -------------------------------------------------------------------------------------
