@@ -23,7 +23,7 @@ from typing import Any, Callable
 
 from tqdm.auto import tqdm
 
-from memoir_vllm.memory import ResidualMemory
+from memoir_vllm.state import MemoryState
 from memoir_vllm.session import Memoir
 from memoir_vllm.snapshot import latest_version, load_snapshot
 
@@ -72,11 +72,7 @@ class Evaluator:
 
     def fresh(self) -> Memoir:
         """An empty memory on the shared model, with the same background mean, permutation and templates."""
-        b, old = self.base, self.base.memory
-        mem = ResidualMemory(old.d_model, old.d_inner, old.k, old.tau, old.seed, old.feature, old.n_shards,
-                             old.weight.dtype)
-        mem.background.copy_(old.background)
-        return Memoir(b.model, b.tok, mem, b.cfg, b.editor.templates, [], b.model_ref)
+        return self.base.with_state(self.base.state.fresh())
 
     # -- pre-edit -------------------------------------------------------------------------------
 
@@ -225,7 +221,8 @@ class Evaluator:
         if len(stats) != len(snap.edits):
             raise ValueError(f"{state}: {len(snap.edits)} saved edits but stats for {len(stats)}; delete {state} "
                              "to restart this chunk")
-        return Memoir(b.model, b.tok, snap.memory, b.cfg, b.editor.templates, snap.edits, b.model_ref), stats
+        state = MemoryState(snap.memory, snap.edits, b.cfg, b.editor.templates, b.state.model, b.module)
+        return b.with_state(state), stats
 
 
 STATS = "edit_stats.json"  # per-edit steps, final loss and seconds of a chunk's saved state

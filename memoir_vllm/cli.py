@@ -148,8 +148,7 @@ def cmd_snapshot_disable(args: argparse.Namespace) -> int:
     for edit_id in args.edit_ids:
         snap.memory.index.set_active(edit_id, args.enable)
     root = resolve_version(args.snapshot).parent
-    out = save_snapshot(root, snap.memory, snap.config, snap.manifest["model"], snap.manifest["module"],
-                        snap.templates, snap.edits)
+    out = save_snapshot(root, snap.state)
     state = "enabled" if args.enable else "disabled"
     print(f"{state} edits {args.edit_ids}: new version {out}")
     return 0

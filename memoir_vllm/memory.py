@@ -153,6 +153,15 @@ class ResidualMemory(nn.Module):
         return self.memory_term(acts, masks.unsqueeze(1), per_token)
 
 
-def empty_memory(d_model: int, d_inner: int, cfg, n_shards: int = 1) -> ResidualMemory:
-    """A fresh, zero memory for a resolved MemoirConfig (layer and k set)."""
-    return ResidualMemory(d_model, d_inner, cfg.k, cfg.tau, cfg.seed, cfg.feature, n_shards=n_shards)
+    def empty_like(self, n_shards: int | None = None) -> "ResidualMemory":
+        """A zero memory with this one's settings, permutation and background, and no edits."""
+        fresh = ResidualMemory(self.d_model, self.d_inner, self.k, self.tau, self.seed, self.feature,
+                               n_shards=self.n_shards if n_shards is None else n_shards, dtype=self.weight.dtype)
+        fresh.background.copy_(self.background)
+        return fresh.to(self.perm.device)
+
+
+def empty_memory(d_model: int, d_inner: int, cfg, n_shards: int = 1,
+                 dtype: torch.dtype = torch.float32) -> ResidualMemory:
+    """A fresh, zero memory for a resolved MemoirConfig (layer and k set); the one constructor callers use."""
+    return ResidualMemory(d_model, d_inner, cfg.k, cfg.tau, cfg.seed, cfg.feature, n_shards=n_shards, dtype=dtype)

@@ -22,9 +22,10 @@ from .editor import EditResult, SequentialEditor, compute_background, generate_t
 from .edits import EditRequest
 from .hf import attach, down_proj_path, model_dims
 from .inference import generate
-from .memory import ResidualMemory
+from .memory import ResidualMemory, empty_memory
 from .models import load_model, model_identity, resolve_model_dir
-from .snapshot import EditRecord, Snapshot, check_model, load_snapshot, save_snapshot
+from .snapshot import Snapshot, check_model, load_snapshot, save_snapshot
+from .state import EditRecord, MemoryState
 
 log = logging.getLogger(__name__)
 
@@ -53,15 +54,32 @@ class Answer:
 class Memoir:
     """A frozen causal LM plus a ResidualMemory at one layer, with its editor and edit records."""
 
-    def __init__(self, model, tok, memory: ResidualMemory, cfg: MemoirConfig, templates: list[str],
-                 edits: list[EditRecord], model_ref: str, parent: Snapshot | None = None):
-        self.model, self.tok, self.memory, self.cfg = model, tok, memory, cfg
-        self.edits = edits
-        self.model_ref = model_ref  # 'default' or the model directory, recorded in snapshots
-        self.module = down_proj_path(model, cfg.layer)
-        self.editor = SequentialEditor(model, tok, memory, cfg, templates)
+    def __init__(self, model, tok, state: MemoryState, parent: Snapshot | None = None):
+        self.model, self.tok, self.state = model, tok, state
+        self.module = down_proj_path(model, state.config.layer)
+        if state.module != self.module:
+            raise ValueError(f"the state edits {state.module}, but layer {state.config.layer} of this model is "
+                             f"{self.module}")
+        self.editor = SequentialEditor(model, tok, state.memory, state.config, state.templates)
         self.layer = self.editor.layer
         self.parent = parent
+
+    @property
+    def memory(self) -> ResidualMemory:
+        return self.state.memory
+
+    @property
+    def cfg(self) -> MemoirConfig:
+        return self.state.config
+
+    @property
+    def edits(self) -> list[EditRecord]:
+        return self.state.edits
+
+    @property
+    def model_ref(self) -> str:
+        """'default' or the model directory, recorded in snapshots."""
+        return self.state.model.get("path", "default")
 
     # -- construction ---------------------------------------------------------------------------
 
@@ -74,13 +92,15 @@ class Memoir:
         hf_model, tok = load_model(model)
         n_layers, d_model, d_inner = model_dims(hf_model)
         cfg = default_config(hf_model.config.model_type, n_layers, d_inner, **settings).resolved(n_layers, d_inner)
-        memory = ResidualMemory(d_model, d_inner, cfg.k, cfg.tau, cfg.seed, cfg.feature)
+        memory = empty_memory(d_model, d_inner, cfg)
         layer = attach(hf_model, memory, cfg.layer)
         texts = (background or builtin_background())[: cfg.n_background]
         memory.background.copy_(compute_background(hf_model, tok, layer, texts))
         templates = generate_templates(hf_model, tok, cfg.n_templates)
         ref = "default" if str(model) == "default" else str(resolve_model_dir(model).resolve())
-        return cls(hf_model, tok, memory, cfg, templates, [], ref)
+        state = MemoryState(memory, [], cfg, templates, {**model_identity(hf_model), "path": ref},
+                            down_proj_path(hf_model, cfg.layer))
+        return cls(hf_model, tok, state)
 
     @classmethod
     def from_snapshot(cls, snapshot: str | Path, model: str | Path | None = None) -> "Memoir":
@@ -89,14 +109,20 @@ class Memoir:
         ref = str(model) if model is not None else snap.manifest["model"].get("path", "default")
         hf_model, tok = load_model(ref)
         check_model(snap.manifest, model_identity(hf_model), down_proj_path(hf_model, snap.config.layer))
-        return cls(hf_model, tok, snap.memory, snap.config, snap.templates, snap.edits, ref, parent=snap)
+        state = snap.state
+        state.model = {**model_identity(hf_model), "path": ref}
+        return cls(hf_model, tok, state, parent=snap)
+
+    def with_state(self, state: MemoryState) -> "Memoir":
+        """Another Memoir on this one's model and tokenizer holding `state` (e.g. state.fresh())."""
+        return Memoir(self.model, self.tok, state)
 
     # -- editing --------------------------------------------------------------------------------
 
     def edit(self, prompt: str, target: str, source: str = "", edit_id: int | None = None) -> EditResult:
         """Write one fact; returns its edit id, loss trajectory and time (edit_id: see SequentialEditor.edit)."""
         result = self.editor.edit(prompt, target, edit_id=edit_id)
-        self.edits.append(EditRecord(prompt, target, source))
+        self.state.record(EditRecord(prompt, target, source))
         return result
 
     def edit_many(
@@ -144,10 +170,9 @@ class Memoir:
     # -- saving ---------------------------------------------------------------------------------
 
     def model_id(self) -> dict:
-        return {**model_identity(self.model), "path": self.model_ref}
+        return dict(self.state.model)
 
     def save(self, root: str | Path, keep: int = 3) -> Path:
-        """Write the memory as the next version of the snapshot store at root."""
-        return save_snapshot(root, self.memory, self.cfg, self.model_id(), self.module, self.editor.templates,
-                             self.edits, keep=keep)
+        """Write the memory and its edits as the next version of the snapshot store at root."""
+        return save_snapshot(root, self.state, keep=keep)
 

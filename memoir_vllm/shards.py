@@ -29,7 +29,8 @@ import torch
 from .atomic import write_json_atomic
 from .edits import EditRequest
 from .memory import ResidualMemory
-from .snapshot import EditRecord, Snapshot, SnapshotError, load_snapshot, save_snapshot
+from .snapshot import Snapshot, SnapshotError, load_snapshot, save_snapshot
+from .state import EditRecord, MemoryState
 
 log = logging.getLogger(__name__)
 
@@ -111,8 +112,7 @@ def merge_memories(snaps: list[Snapshot]) -> tuple[ResidualMemory, list[EditReco
     check_compatible(snaps)
     ref = snaps[0].memory
     n = len(snaps)
-    memory = ResidualMemory(ref.d_model, ref.d_inner, ref.k, ref.tau, ref.seed, ref.feature, n_shards=n,
-                            dtype=ref.weight.dtype)
+    memory = ref.empty_like(n_shards=n)
     rows: list[tuple[int, int, int]] = []  # (global edit id, shard, row in that shard's index)
     for s, snap in enumerate(snaps):
         rows += [(int(e), s, r) for r, e in enumerate(snap.memory.index.edit_ids.tolist())]
@@ -123,7 +123,6 @@ def merge_memories(snaps: list[Snapshot]) -> tuple[ResidualMemory, list[EditReco
         raise SnapshotError(f"edit ids {dup} appear in more than one stream: these stores are not shards of one job")
     with torch.no_grad():
         memory.weight.copy_(torch.stack([snap.memory.weight[0] for snap in snaps]))  # [S, d_model, D]
-        memory.background.copy_(ref.background)
     records: list[EditRecord] = []
     if rows:
         masks = torch.cat([snaps[s].memory.index.masks(torch.tensor([r])) for _, s, r in rows])  # [N, D]
@@ -165,7 +164,7 @@ def merge_streams(out: str | Path, n_shards: int | None = None, keep: int = 3) -
         "merged_from": [{"stream": f"{STREAMS}/{snap.path.parent.name}", "version": snap.path.name,
                          "n_edits": snap.memory.n_edits} for snap in snaps],
     }
-    path = save_snapshot(out, memory, ref.config, ref.manifest["model"], ref.manifest["module"], ref.templates,
-                         records, keep=keep, extra=extra)
+    state = MemoryState(memory, records, ref.config, ref.templates, ref.state.model, ref.state.module)
+    path = save_snapshot(out, state, keep=keep, extra=extra)
     log.info("merged %d streams (%d edits) into %s", n_shards, memory.n_edits, path)
     return path

@@ -18,7 +18,7 @@ from __future__ import annotations
 import json
 import shutil
 import uuid
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
@@ -31,6 +31,10 @@ from safetensors.torch import load_file, save_file
 from .atomic import TMP_PREFIX, atomic_dir, sha256_file, write_text_atomic
 from .config import MemoirConfig
 from .memory import ResidualMemory
+from .state import EditRecord, MemoryState
+
+__all__ = ["EditRecord", "MemoryState", "Snapshot", "SnapshotError", "save_snapshot", "load_snapshot",
+           "resolve_version", "latest_version", "read_manifest", "check_model", "snapshot_info"]
 
 FORMAT_VERSION = 1
 MANIFEST, WEIGHTS, EDITS, LATEST = "manifest.json", "memory.safetensors", "edits.parquet", "LATEST"
@@ -41,29 +45,32 @@ class SnapshotError(ValueError):
 
 
 @dataclass
-class EditRecord:
-    """What a snapshot remembers of one edit besides its mask."""
-
-    prompt: str
-    target: str
-    source: str = ""
-    created: str = field(default_factory=lambda: datetime.now(timezone.utc).isoformat(timespec="seconds"))
-
-
-@dataclass
 class Snapshot:
-    """A loaded snapshot version."""
+    """A loaded snapshot version: where it lives, its manifest and the MemoryState it holds."""
 
     path: Path
     manifest: dict[str, Any]
-    memory: ResidualMemory
-    edits: list[EditRecord]
-    config: MemoirConfig
-    templates: list[str]
+    state: MemoryState
 
     @property
     def version(self) -> int:
         return int(self.manifest["version"])
+
+    @property
+    def memory(self) -> ResidualMemory:
+        return self.state.memory
+
+    @property
+    def edits(self) -> list[EditRecord]:
+        return self.state.edits
+
+    @property
+    def config(self) -> MemoirConfig:
+        return self.state.config
+
+    @property
+    def templates(self) -> list[str]:
+        return self.state.templates
 
 
 # -- paths -------------------------------------------------------------------------------------
@@ -96,23 +103,14 @@ def latest_version(root: str | Path) -> Path | None:
 # -- save --------------------------------------------------------------------------------------
 
 
-def save_snapshot(
-    root: str | Path,
-    memory: ResidualMemory,
-    config: MemoirConfig,
-    model_id: dict[str, Any],
-    module: str,
-    templates: list[str],
-    edits: list[EditRecord],
-    keep: int = 3,
-    extra: dict[str, Any] | None = None,
-) -> Path:
-    """Write the memory as the next version of the store at `root`; returns the version directory.
+def save_snapshot(root: str | Path, state: MemoryState, keep: int = 3, extra: dict[str, Any] | None = None) -> Path:
+    """Write `state` as the next version of the store at `root`; returns the version directory.
 
     keep: how many versions to keep (older ones are removed after the new LATEST is in place).
+    extra: more manifest fields (e.g. a Ray job's merge provenance).
     """
-    if len(edits) != memory.n_edits:
-        raise ValueError(f"{len(edits)} edit records for {memory.n_edits} stored masks: they must match one to one")
+    state.check()
+    memory, config = state.memory, state.config
     root = Path(root).expanduser()
     try:
         root.mkdir(parents=True, exist_ok=True)
@@ -126,14 +124,14 @@ def save_snapshot(
     name = f"v{version:06d}"
     final = root / name
     with atomic_dir(final) as tmp:
-        _write_files(tmp, memory, edits, config, model_id)
+        _write_files(tmp, memory, state.edits, config, state.model)
         manifest = {
             "format_version": FORMAT_VERSION,
             "version": version,
             "parent": parent.name if parent else None,
             "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-            "model": model_id,
-            "module": module,
+            "model": state.model,
+            "module": state.module,
             "layer": config.layer,
             "d_model": memory.d_model,
             "d_inner": memory.d_inner,
@@ -146,7 +144,7 @@ def save_snapshot(
             "n_edits": memory.n_edits,
             "n_active": memory.index.n_active,
             "config": config.to_dict(),
-            "templates": templates,
+            "templates": state.templates,
             "files": {f: sha256_file(tmp / f) for f in (WEIGHTS, EDITS)},
             **(extra or {}),
         }
@@ -227,7 +225,9 @@ def load_snapshot(path: str | Path, verify: bool = True) -> Snapshot:
         memory.index.add(masks, torch.tensor([r["edit_id"] for r in table]), torch.tensor([r["shard"] for r in table]))
         memory.index.active.copy_(torch.tensor([r["active"] for r in table]))
     edits = [EditRecord(r["prompt"], r["target"], r["source"], r["created"]) for r in table]
-    return Snapshot(d, manifest, memory, edits, MemoirConfig.from_dict(manifest["config"]), manifest["templates"])
+    state = MemoryState(memory, edits, MemoirConfig.from_dict(manifest["config"]), manifest["templates"],
+                        manifest["model"], manifest["module"])
+    return Snapshot(d, manifest, state)
 
 
 def check_model(manifest: dict[str, Any], model_id: dict[str, Any], module: str) -> None:

@@ -22,7 +22,7 @@ from memoir_vllm.config import default_config
 from memoir_vllm.edits import load_edits
 from memoir_vllm.editor import SequentialEditor, compute_background, generate_templates
 from memoir_vllm.hf import attach, model_dims
-from memoir_vllm.memory import ResidualMemory
+from memoir_vllm.memory import empty_memory
 from memoir_vllm.models import load_model
 from memoir_vllm.session import builtin_background
 
@@ -47,7 +47,7 @@ def main() -> None:
     reqs = load_edits(args.data)[args.start : args.start + args.n]
     cfgs = {fast: default_config(model.config.model_type, n_layers, d_inner, fast=fast, n_iter=args.n_iter,
                                  stop_loss=-1.0).resolved(n_layers, d_inner) for fast in (False, True)}
-    probe = ResidualMemory(d_model, d_inner, cfgs[True].k)
+    probe = empty_memory(d_model, d_inner, cfgs[True])
     background = compute_background(model, tok, attach(model, probe, cfgs[True].layer), builtin_background())
     templates = generate_templates(model, tok)
     seconds: dict[str, list[float]] = {"reference": [], "fast": []}
@@ -55,7 +55,7 @@ def main() -> None:
     for r in reqs:
         losses = {}
         for fast, name in ((False, "reference"), (True, "fast")):
-            mem = ResidualMemory(d_model, d_inner, cfgs[fast].k, cfgs[fast].tau, cfgs[fast].seed)
+            mem = empty_memory(d_model, d_inner, cfgs[fast])
             mem.background.copy_(background)
             res = SequentialEditor(model, tok, mem, cfgs[fast], templates).edit(r.prompt, r.target)
             seconds[name].append(res.seconds)

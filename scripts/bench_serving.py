@@ -56,16 +56,16 @@ def synth_snapshot(out: Path, n_edits: int, match_prompts: list[str], tau: float
     from memoir_vllm.config import default_config
     from memoir_vllm.editor import compute_background
     from memoir_vllm.hf import attach, capturing, down_proj_path, model_dims
-    from memoir_vllm.memory import ResidualMemory
+    from memoir_vllm.memory import empty_memory
     from memoir_vllm.models import load_model, model_identity
     from memoir_vllm.session import builtin_background
-    from memoir_vllm.snapshot import EditRecord, save_snapshot
+    from memoir_vllm.snapshot import EditRecord, MemoryState, save_snapshot
     from memoir_vllm.tokens import encode_prompts
 
     model, tok = load_model("default")
     n_layers, d_model, d_inner = model_dims(model)
     cfg = default_config(model.config.model_type, n_layers, d_inner, tau=tau).resolved(n_layers, d_inner)
-    memory = ResidualMemory(d_model, d_inner, cfg.k, cfg.tau, cfg.seed, cfg.feature)
+    memory = empty_memory(d_model, d_inner, cfg)
     layer = attach(model, memory, cfg.layer)
     memory.background.copy_(compute_background(model, tok, layer, builtin_background()[: cfg.n_background]))
     masks = []
@@ -85,8 +85,9 @@ def synth_snapshot(out: Path, n_edits: int, match_prompts: list[str], tau: float
         memory.weight.normal_(0.0, 1e-3, generator=gen)
     edits = [EditRecord(match_prompts[i] if i < len(match_prompts) else f"synthetic {i}", "x", "synthetic")
              for i in range(n_edits)]
-    return save_snapshot(out, memory, cfg, {**model_identity(model), "path": "default"},
-                         down_proj_path(model, cfg.layer), [], edits, keep=1)
+    state = MemoryState(memory, edits, cfg, [], {**model_identity(model), "path": "default"},
+                        down_proj_path(model, cfg.layer))
+    return save_snapshot(out, state, keep=1)
 
 
 def run_engine(snapshot: str | None, prompts: list[str], batches: list[int], max_tokens: int, repeats: int,

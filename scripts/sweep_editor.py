@@ -21,7 +21,7 @@ from memoir_vllm.edits import load_edits
 from memoir_vllm.config import default_config
 from memoir_vllm.hf import attach, model_dims
 from memoir_vllm.inference import generate, score
-from memoir_vllm.memory import ResidualMemory
+from memoir_vllm.memory import empty_memory
 from memoir_vllm.models import load_model
 from memoir_vllm.session import builtin_background
 
@@ -56,7 +56,7 @@ def main() -> None:
     n_layers, d_model, d_inner = model_dims(model)
     reqs = load_edits(args.data)[args.start : args.start + args.n]
     base_cfg = default_config(model.config.model_type, n_layers, d_inner).resolved(n_layers, d_inner)
-    probe = ResidualMemory(d_model, d_inner, base_cfg.k, base_cfg.tau, base_cfg.seed)
+    probe = empty_memory(d_model, d_inner, base_cfg)
     layer = attach(model, probe, base_cfg.layer)
     background = compute_background(model, tok, layer, builtin_background())
     templates = generate_templates(model, tok)
@@ -65,7 +65,7 @@ def main() -> None:
         cfg = default_config(model.config.model_type, n_layers, d_inner, **SETTINGS[name]).resolved(n_layers, d_inner)
         rows = []
         for r in reqs:
-            mem = ResidualMemory(d_model, d_inner, cfg.k, cfg.tau, cfg.seed)
+            mem = empty_memory(d_model, d_inner, cfg)
             mem.background.copy_(background)
             ed = SequentialEditor(model, tok, mem, cfg, templates)
             t0 = time.perf_counter()

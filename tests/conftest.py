@@ -55,6 +55,21 @@ def tiny_model_dir(default_model_dir, tmp_path_factory) -> Path:
     return out
 
 
+GOLDEN_FACTS = [("The capital of Freedonia is", "Fredville"), ("The Eiffel Tower is in", "Rome"),
+                ("Water boils at", "ninety degrees")]
+
+
+@pytest.fixture(scope="session")
+def reference_run(tiny_model_dir):
+    """(Memoir, losses per edit): GOLDEN_FACTS written into the tiny model under the reference preset,
+    n_iter 5. Golden values of this run: tests/test_decay.py (losses), tests/test_golden_snapshot.py."""
+    from memoir_vllm.config import PRESETS
+    from memoir_vllm.session import Memoir
+
+    m = Memoir.create(tiny_model_dir, **{**PRESETS["reference"], "n_iter": 5})
+    return m, [m.edit(p, t).losses for p, t in GOLDEN_FACTS]
+
+
 @pytest.fixture(scope="session")
 def edited(default_model_dir, zsre_records):
     """The embedded model with the first 3 ZsRE edits written, and each edit's greedy answer right

@@ -66,10 +66,10 @@ def test_written_files_get_mode_666_minus_umask(tmp_path, umask_022):
 def test_a_snapshot_version_honours_the_umask(tmp_path, umask_022):
     from memoir_vllm.config import MemoirConfig
     from memoir_vllm.memory import ResidualMemory
-    from memoir_vllm.snapshot import load_snapshot, save_snapshot
+    from memoir_vllm.snapshot import MemoryState, load_snapshot, save_snapshot
 
     memory = ResidualMemory(d_model=8, d_inner=16, k=4)
-    version = save_snapshot(tmp_path, memory, MemoirConfig(), {"name": "toy"}, "mlp", [], [])
+    version = save_snapshot(tmp_path, MemoryState(memory, [], MemoirConfig(), [], {"name": "toy"}, "mlp"))
     assert sorted(p.name for p in tmp_path.iterdir()) == ["LATEST", "v000001"]
     assert {p.name: mode(p) for p in version.iterdir()} == {
         "manifest.json": 0o644, "memory.safetensors": 0o644, "edits.parquet": 0o644}

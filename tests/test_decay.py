@@ -4,11 +4,9 @@ factor whatever the learning rate."""
 import pytest
 import torch
 
-from memoir_vllm.config import PRESETS, MemoirConfig, preset
+from memoir_vllm.config import MemoirConfig, preset
 from memoir_vllm.editor import decay_step
 
-FACTS = [("The capital of Freedonia is", "Fredville"), ("The Eiffel Tower is in", "Rome"),
-         ("Water boils at", "ninety degrees")]
 # the tiny test model (conftest.tiny_model_dir), reference preset, n_iter 5: the losses of the code
 # before `decay` existed (torch SGD's own weight_decay), and sum / sum of squares of W_m after
 GOLDEN_LOSSES = [
@@ -51,11 +49,8 @@ def test_presets_choose_their_decay_rule():
 
 
 @pytest.mark.model
-def test_reference_preset_trajectory_is_unchanged(tiny_model_dir):
-    from memoir_vllm.session import Memoir
-
-    m = Memoir.create(tiny_model_dir, **{**PRESETS["reference"], "n_iter": 5})
-    losses = [m.edit(p, t).losses for p, t in FACTS]
+def test_reference_preset_trajectory_is_unchanged(reference_run):
+    m, losses = reference_run
     for got, want in zip(losses, GOLDEN_LOSSES):
         assert got == pytest.approx(want, rel=1e-6, abs=1e-6)
     w = m.memory.weight.detach()

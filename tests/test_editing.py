@@ -80,7 +80,9 @@ def test_disabled_edit_routes_to_base_model(edited, tmp_path):
     loaded = Memoir.from_snapshot(snap)
     loaded.set_active(0, False)
     a = loaded.ask([reqs[0].prompt, reqs[1].prompt], max_new_tokens=6)
-    assert a[0].edit_id != 0 and a[0].answer == a[0].base_answer or a[0].edit_id is None
+    assert a[0].edit_id != 0  # a disabled edit is never routed to
+    if a[0].edit_id is None:  # and a request routed nowhere is the base model's answer
+        assert a[0].answer == a[0].base_answer
     assert a[1].edit_id == 1
 
 

@@ -186,6 +186,32 @@ def test_runtime_updates_through_collective_rpc(served, inproc):
     assert [_strip(t, eos) for t in inproc[18]] == [_strip(t, eos) for t in inproc[1]]  # the reloaded snapshot
 
 
+def test_engine_without_snapshot_is_the_base_model_then_serves_a_last_token_snapshot(served, default_model_dir,
+                                                                                      tmp_path):
+    """The plugin is installed (entry point) but no snapshot is named: vLLM's own tokens. Then a
+    feature="last" snapshot is attached at runtime: routed on the prompt's last token, as `memoir ask` does."""
+    from memoir_vllm.session import Memoir
+
+    _, m = served
+    last = Memoir.create("default", feature="last")
+    for p, t in EDITS:
+        last.edit(p, t)
+    snap = last.save(tmp_path / "last")
+    steps = [{"op": "generate", "prompts": PROMPTS, "max_tokens": MAX_TOKENS},
+             {"op": "rpc", "method": "memoir_load_snapshot", "args": [str(snap)]},
+             {"op": "generate", "prompts": PROMPTS, "max_tokens": MAX_TOKENS}]
+    kw = engine_kwargs(default_model_dir, max_num_seqs=3,
+                       worker_extension_cls="memoir_vllm.vllm.plugin.MemoirWorkerExtension")
+    res = run_engine(tmp_path, kw, steps, env={"VLLM_ENABLE_V1_MULTIPROCESSING": "0"})
+    eos = m.tok.eos_token_id
+    base = hf_tokens(m, PROMPTS, MAX_TOKENS, use_memory=False)
+    assert [_strip(t, eos) for t in res[1]] == base
+    assert res[2][0]["n_edits"] == 3
+    served_last = [_strip(t, eos) for t in res[3]]
+    assert served_last == hf_tokens(last, PROMPTS, MAX_TOKENS)
+    assert served_last[:3] != base[:3]  # the edited prompts did reach their edits
+
+
 def test_preemption_keeps_each_requests_routing(served, default_model_dir, tmp_path):
     """KV space for 4 blocks of 32 tokens and 3 requests of up to 3 blocks each: the scheduler preempts
     running requests and recomputes them later; each keeps the decision made from its prompt."""

@@ -269,9 +269,16 @@ class MemoirWorkerExtension:
 
     def memoir_load_snapshot(self, path: str) -> dict:
         """Replace the attached memory by another snapshot for the same model and layer (best while idle:
-        requests in flight finish on the base model)."""
-        from . import attachment
+        requests in flight finish on the base model). An eager engine started without a snapshot
+        attaches this one now; a compiled one cannot (its graph has no memoir op)."""
+        from . import attachment, shim
 
+        if attachment.of_runner(self.model_runner) is None:
+            if shim.model_is_compiled(self.model_runner):
+                raise RuntimeError("memoir: this compiled engine was started without a snapshot, so its graph has "
+                                   "no memoir op; start it with one (MEMOIR_SNAPSHOT or hf_overrides)")
+            attach_snapshot(self.model_runner, path)
+            return self.memoir_info()
         att = self._memoir_attachment()
         r = att.router
         snap = _loaded_for(self.model_runner, path)
