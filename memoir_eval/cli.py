@@ -65,7 +65,66 @@ def add_eval(sub) -> None:
     p.set_defaults(func=cmd_eval)
 
 
-EVAL_SUBCOMMANDS = [add_eval]
+# -- routing only ------------------------------------------------------------------------------------
+
+
+def cmd_eval_routing(args: argparse.Namespace) -> int:
+    from memoir_vllm.session import Memoir
+
+    from .report import write_json
+    from .routing_only import evaluate_routing, load_json_records, markdown
+
+    set_threads(args.threads)
+    records = load_json_records(args.data)
+    if not 0 < args.n < len(records):
+        raise ValueError(f"--n {args.n}: give 1..{len(records) - 1} (the file has {len(records)} records; the rest "
+                         "are the neighbours)")
+    m = Memoir.create(args.model, **settings(args))
+    results = evaluate_routing(m, records, args.n, subjects=args.subjects)
+    print(markdown(results))
+    if args.out:
+        write_json(args.out, results)
+        print(f"results: {args.out}")
+    return 0
+
+
+def add_eval_routing(sub) -> None:
+    from . import routing_only
+
+    p = sub.add_parser("eval-routing", help="routing only (no training): paraphrases, neighbours and NQ under the "
+                       "mask and subject rules", description=routing_only.__doc__,
+                       formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--model", default="default", help="'default' (embedded SmolLM2-135M) or a local HF model directory")
+    p.add_argument("--data", default="zsre", help="zsre or a JSON/JSONL file with src|prompt, rephrase, loc, subject")
+    p.add_argument("--n", type=int, default=300, help="records stored as edits (the rest are neighbours)")
+    p.add_argument("--subjects", choices=("given", "auto"), default="given",
+                   help="the file's own subject field (given) or memoir's automatic subject (auto)")
+    p.add_argument("--out", help="JSON file for the results")
+    p.add_argument("--threads", type=int)
+    add_settings(p)
+    p.set_defaults(func=cmd_eval_routing)
+
+
+def cmd_make_edits(args: argparse.Namespace) -> int:
+    from .synthetic import write_edits
+
+    path = write_edits(args.out, args.n, args.seed)
+    print(f"{args.n} synthetic facts (seed {args.seed}): {path}")
+    return 0
+
+
+def add_make_edits(sub) -> None:
+    from . import synthetic
+
+    p = sub.add_parser("make-edits", help="write N seeded fictitious facts with paraphrases and neighbours (synthetic)",
+                       description=synthetic.__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--n", type=int, required=True, help="number of facts")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--out", required=True, help="JSONL file to write")
+    p.set_defaults(func=cmd_make_edits)
+
+
+EVAL_SUBCOMMANDS = [add_eval, add_eval_routing, add_make_edits]
 
 
 # -- lm-eval ---------------------------------------------------------------------------------------

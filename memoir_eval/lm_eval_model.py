@@ -124,13 +124,19 @@ class MemoirLM(HFLM):
     def _model_generate(self, context, max_length: int, stop: list[str], **generation_kwargs):
         attn = generation_kwargs.get("attention_mask")
         mask = attn.bool() if attn is not None else context != self.tokenizer.pad_token_id
-        with routed(self.memoir.layer, mask if self.use_memory else None):
+        with routed(self.memoir.layer, mask if self.use_memory else None, self._candidates(context)):
             return super()._model_generate(context, max_length, stop, **generation_kwargs)
 
     def _model_call(self, inps, attn_mask=None, labels=None):
         mask = attn_mask.bool() if attn_mask is not None else torch.ones_like(inps, dtype=torch.bool)
-        with routed(self.memoir.layer, mask if self.use_memory else None):
+        with routed(self.memoir.layer, mask if self.use_memory else None, self._candidates(inps)):
             return super()._model_call(inps, attn_mask, labels)
+
+    def _candidates(self, ids: torch.Tensor) -> torch.Tensor | None:
+        """The subject rule's candidate rows of token-id rows (their text decoded once)."""
+        if self.memoir.memory.rule != "subject":
+            return None
+        return self.memoir.memory.candidates(self.tokenizer.batch_decode(ids, skip_special_tokens=True))
 
     def get_model_info(self) -> dict:
         info = super().get_model_info() if hasattr(super(), "get_model_info") else {}

@@ -114,7 +114,8 @@ def cmd_ask(args: argparse.Namespace) -> int:
         else:
             edit = f"edit {a.edit_id}" if a.edit_id is not None else "no edit"
             print(f"{a.prompt}\n  with memory:    {a.answer.strip()!r}\n  without memory: {a.base_answer.strip()!r}"
-                  f"\n  routed to {edit} (best overlap {a.overlap:.3f}, tau {m.memory.tau})")
+                  f"\n  routed to {edit} (best overlap {a.overlap:.3f}, {m.memory.rule} rule, threshold "
+                  f"{m.memory.threshold})")
     return 0
 
 
@@ -125,7 +126,8 @@ def add_ask(sub) -> None:
     p.add_argument("--model", help="model directory (default: the one recorded in the snapshot)")
     p.add_argument("--json", action="store_true", help="one JSON object per prompt")
     p.add_argument("--max-new-tokens", type=int, default=16)
-    p.add_argument("--tau", type=float, help="override the snapshot's routing threshold")
+    p.add_argument("--tau", type=float, help="override the snapshot's routing threshold (subject_tau under the "
+                   "subject rule)")
     p.add_argument("--threads", type=int)
     p.add_argument("prompts", nargs="+", metavar="PROMPT")
     p.set_defaults(func=cmd_ask)
@@ -154,6 +156,18 @@ def cmd_snapshot_disable(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_snapshot_subject(args: argparse.Namespace) -> int:
+    from .snapshot import load_snapshot, resolve_version, save_snapshot
+    from .subjects import as_aliases
+
+    snap = load_snapshot(args.snapshot)
+    before = snap.edits[snap.state.row_of(args.edit_id)].subject
+    snap.state.set_subject(args.edit_id, as_aliases(args.aliases))
+    out = save_snapshot(resolve_version(args.snapshot).parent, snap.state)
+    print(f"edit {args.edit_id}: subject {list(before)} -> {list(as_aliases(args.aliases))}: new version {out}")
+    return 0
+
+
 def add_snapshot(sub) -> None:
     p = sub.add_parser("snapshot", help="inspect or change a snapshot")
     ssub = p.add_subparsers(dest="snapshot_cmd", required=True)
@@ -165,6 +179,13 @@ def add_snapshot(sub) -> None:
     d.add_argument("edit_ids", type=int, nargs="+", metavar="EDIT_ID")
     d.add_argument("--enable", action="store_true", help="re-enable instead")
     d.set_defaults(func=cmd_snapshot_disable)
+    s = ssub.add_parser("subject", help="change what an edit is about (its subject aliases) without re-editing; "
+                        "writes a new version", description="Under the subject rule a request routes to an edit only "
+                        "if it names one of the edit's aliases (whole words, any case).")
+    s.add_argument("snapshot")
+    s.add_argument("edit_id", type=int, metavar="EDIT_ID")
+    s.add_argument("aliases", nargs="+", metavar="ALIAS", help="e.g. 'Lionel Messi' 'Messi'")
+    s.set_defaults(func=cmd_snapshot_subject)
 
 
 # -- demo ------------------------------------------------------------------------------------------

@@ -37,6 +37,7 @@ ARCHITECTURES: dict[str, ArchSpec] = {
 
 
 FEATURES = ("mean_decentered", "mean", "last")
+ROUTING_RULES = ("subject", "mask")
 STOP_RULES = ("reference", "loss")
 DECAY_RULES = ("coupled", "decoupled")
 
@@ -69,6 +70,10 @@ class MemoirConfig:
     tau: float = _setting(0.5, "routing threshold on overlap/k in [0, 1] (0.4 in the paper)")
     seed: int = _setting(0, "seed of the stored TopHash permutation")
     feature: str = _setting("mean_decentered", "prompt feature", FEATURES)
+    routing: str = _setting("subject", "routing rule: subject (an edit is a candidate only for requests that name its "
+                            "subject; among the candidates the best mask overlap >= subject_tau routes) or mask (the "
+                            "paper's: the best overlap over all edits >= tau)", ROUTING_RULES)
+    subject_tau: float = _setting(0.3, "routing threshold on overlap/k among the subject's candidates (routing=subject)")
     # editor (reference: fresh SGD per edit, lr 1.0, wd 1e-5 coupled to lr, clip 1.0, n_iter 30, early stop)
     optimizer: str = _setting("sgd", "editor optimizer (sgd is the reference)", ("sgd", "adam"))
     lr: float = _setting(1.0, "editor learning rate")
@@ -91,8 +96,9 @@ class MemoirConfig:
     n_background: int = _setting(100, "unrelated prompts averaged into the background mean")
 
     def __post_init__(self) -> None:
-        if not 0.0 <= self.tau <= 1.0:
-            raise ValueError(f"tau={self.tau} is outside [0, 1]: it is a fraction of the mask size k")
+        for name in ("tau", "subject_tau"):
+            if not 0.0 <= getattr(self, name) <= 1.0:
+                raise ValueError(f"{name}={getattr(self, name)} is outside [0, 1]: it is a fraction of the mask size k")
         for f in dataclasses.fields(self):
             choices = f.metadata.get("choices")
             if choices and getattr(self, f.name) not in choices:
@@ -123,14 +129,15 @@ class MemoirConfig:
         unknown = sorted(set(d) - known)
         if unknown:
             raise ValueError(f"unknown MemoirConfig keys {unknown}; known keys: {sorted(known)}")
-        return cls(**{"decay": "coupled", **d})  # stored before `decay` existed: the coupled rule ran
+        # stored before a setting existed: what ran then (the coupled decay, the mask-only routing)
+        return cls(**{"decay": "coupled", "routing": "mask", **d})
 
 
 # Named presets. "reference" is the paper's Llama-3-8B setting; per-model presets are measured
 # on that model (evidence in docs/defaults.md) and picked by `default_config(model_type, n_layers, D)`.
 PRESETS: dict[str, dict[str, Any]] = {
     "reference": dict(tau=0.4, lr=1.0, n_iter=30, optimizer="sgd", grad_clip=1.0, fast=False, weight_decay=1e-5,
-                      decay="coupled"),
+                      decay="coupled", routing="mask"),
     "llama3-8b": dict(layer=27, k=4096, tau=0.4, lr=1.0, n_iter=30),
     "gptj-6b": dict(layer=21, k=4096, tau=0.4, lr=1.0, n_iter=70),
     # SmolLM2-135M (30 blocks, D=1536), measured: see docs/defaults.md

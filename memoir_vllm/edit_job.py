@@ -67,6 +67,9 @@ def run_edit_job(
 
     t0 = time.perf_counter()
     results = m.edit_many(todo, progress=progress, after_each=checkpoint)
+    found = [(req.prompt, list(res.subject)) for req, res in zip(todo, results) if not req.subject]
+    for prompt, subject in found[:20]:
+        log.info("subject found for %r: %s", prompt[:60], subject)
     seconds = time.perf_counter() - t0
     if saved["path"] is None or len(m.edits) % every != 0:
         saved["path"] = m.save(out)
@@ -79,4 +82,7 @@ def run_edit_job(
         "edits_per_s": round(len(results) / seconds, 3) if results else None,
         "mean_steps": round(sum(r.steps for r in results) / len(results), 2) if results else None,
         "mean_final_loss": round(sum(r.losses[-1] for r in results) / len(results), 4) if results else None,
+        "routing": m.memory.rule,
+        "subjects_found": len(found),  # edits without a subject in the file: memoir's rule found one
+        "subjects_found_first": [{"prompt": p, "subject": s} for p, s in found[:5]],
     }

@@ -65,6 +65,7 @@ class EditResult:
     losses: list[float] = field(default_factory=list)
     seconds: float = 0.0
     mask_idx: torch.Tensor | None = None  # [k]
+    subject: tuple[str, ...] = ()  # the aliases the edit was recorded with (set by Memoir.edit)
 
     @property
     def steps(self) -> int:

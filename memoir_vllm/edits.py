@@ -1,6 +1,6 @@
 """Reading edit files: JSON list, JSONL or Parquet, in memoir's schema or the benchmark schemas.
 
-memoir schema:        prompt, target, optional rephrase, unrelated
+memoir schema:        prompt, target, optional rephrase, unrelated, subject (a string or a list of aliases)
 ZsRE (EasyEdit):      src, alt, rephrase, loc (+ loc_ans)
 hallucination/temporal: prompt, target_new, optional rephrase / ood_rephrase, locality_prompt
 """
@@ -10,6 +10,8 @@ import json
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
+
+from .subjects import as_aliases
 
 
 @dataclass
@@ -21,6 +23,7 @@ class EditRequest:
     rephrase: str | None = None
     unrelated: str | None = None
     source: str = ""
+    subject: tuple[str, ...] = ()  # aliases; () lets memoir find it (subjects.auto_subject)
 
 
 class EditFileError(ValueError):
@@ -56,7 +59,11 @@ def parse_record(rec: Any, where: str) -> EditRequest:
     unrelated = rec.get(u_key)
     if u_key == "loc" and unrelated and rec.get("loc_ans"):
         unrelated = f"{unrelated} {rec['loc_ans']}"
-    return EditRequest(prompt, target, rephrase or None, unrelated or None, source=where)
+    try:
+        subject = as_aliases(rec.get("subject"))
+    except ValueError as e:
+        raise EditFileError(f"{where}: field 'subject': {e}; give a string or a list of strings") from None
+    return EditRequest(prompt, target, rephrase or None, unrelated or None, source=where, subject=subject)
 
 
 def load_edits(path: str | Path) -> list[EditRequest]:

@@ -61,6 +61,7 @@ class MemoirLayer(nn.Module):
         self.base_layer = base_layer
         self.memory = memory
         self.prompt_mask: torch.Tensor | None = None  # [B, T] bool
+        self.candidates: torch.Tensor | None = None  # [B, C] rows (subject rule), None: every edit
         self.routing: Routing | None = None
         self.train_mask: torch.Tensor | None = None  # [1 or B, D] bool
         self.train_shard: int = 0
@@ -76,7 +77,7 @@ class MemoirLayer(nn.Module):
         if self.prompt_mask is None:
             return out
         if self.routing is None:
-            self.routing = self.memory.decide(self.memory.feature_of(pool_prompt(a, self.prompt_mask)))
+            self.routing = self.memory.decide(self.memory.feature_of(pool_prompt(a, self.prompt_mask)), self.candidates)
         d = self.routing
         sel = d.routed.nonzero().flatten()  # [b] batch rows with a matched edit
         if sel.numel() == 0:
@@ -116,13 +117,16 @@ def find_layer(model: nn.Module) -> MemoirLayer:
 
 
 @contextlib.contextmanager
-def routed(layer: MemoirLayer, prompt_mask: torch.Tensor | None) -> Iterator[MemoirLayer]:
-    """Route each row from its prompt tokens (prompt_mask [B, T]); None runs the base model."""
-    layer.prompt_mask, layer.routing = prompt_mask, None
+def routed(layer: MemoirLayer, prompt_mask: torch.Tensor | None,
+           candidates: torch.Tensor | None = None) -> Iterator[MemoirLayer]:
+    """Route each row from its prompt tokens (prompt_mask [B, T]); None runs the base model.
+
+    candidates [B, C]: the rows each row may route to (ResidualMemory.candidates of the rows' texts)."""
+    layer.prompt_mask, layer.candidates, layer.routing = prompt_mask, candidates, None
     try:
         yield layer
     finally:
-        layer.prompt_mask = None
+        layer.prompt_mask, layer.candidates = None, None
 
 
 @contextlib.contextmanager

@@ -35,7 +35,7 @@ def score(
         logits = model(input_ids=b.input_ids, attention_mask=b.attention_mask, use_cache=False).logits
         routing = None
     else:
-        with routed(layer, prompt_mask):
+        with routed(layer, prompt_mask, layer.memory.candidates(prompts)):
             logits = model(input_ids=b.input_ids, attention_mask=b.attention_mask, use_cache=False).logits
             routing = layer.routing
     pred = b.target_mask[:, 1:]  # [B, T-1] positions whose next token is a target token
@@ -61,7 +61,7 @@ def generate(
     if layer is None:
         out, routing = model.generate(**kw), None
     else:
-        with routed(layer, attn.bool() if use_memory else None):
+        with routed(layer, attn.bool() if use_memory else None, layer.memory.candidates(prompts)):
             out = model.generate(**kw)
             routing = layer.routing
     texts = [tok.decode(row, skip_special_tokens=True) for row in out[:, ids.shape[1]:]]

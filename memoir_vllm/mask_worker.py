@@ -41,7 +41,7 @@ class MaskWorker:
         prompts = list(batch["prompt"])
         ids, attn = encode_prompts(m.tok, prompts, getattr(m.model.config, "max_position_embeddings", None))
         pos = (attn.cumsum(1) - 1).clamp_min(0)  # [B, T] positions under left padding
-        with routed(m.layer, attn.bool()) as layer:
+        with routed(m.layer, attn.bool(), m.memory.candidates(prompts)) as layer:
             m.model(input_ids=ids, attention_mask=attn, position_ids=pos, use_cache=False)
             r = layer.routing
         index = m.memory.index

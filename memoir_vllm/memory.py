@@ -4,7 +4,12 @@
 
 The one routing rule lives here, for every caller (the transformers layer, the vLLM op, calibration):
 
-    pooled prompt -> feature() -> decide(): TopHash mask -> best active match -> routed iff ratio >= tau
+    rule "mask" (the paper's):
+        pooled prompt -> feature() -> decide(): TopHash mask -> best active match -> routed iff ratio >= tau
+    rule "subject" (the default for new memories):
+        request text -> candidates(): the edits whose subject the text names (subjects.SubjectGate)
+        pooled prompt -> feature() -> decide(candidates): TopHash mask -> best active candidate (ties: the
+        newest) -> routed iff ratio >= subject_tau; no candidate, no memory term
     memory_term(acts, decision masks, shards)
 
 `decide` runs on the memory's device with fixed shapes and no host sync, so the vLLM op can call it
@@ -17,10 +22,12 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from .index import MaskIndex
+from .index import MaskIndex, unpack_masks
+from .subjects import SubjectGate
 from .tophash import Pooled, feature_from_pool, indices_to_mask, make_permutation, pool_prompt, tophash
 
 NO_EDIT = -1  # decision row of a request served by the base model
+MAX_CANDIDATES = 32  # candidate rows per request under the subject rule (the newest when more edits match)
 
 
 @dataclass
@@ -50,6 +57,9 @@ class ResidualMemory(nn.Module):
         seed: seed of the stored permutation.
         feature: prompt feature kind (mean_decentered by default).
         n_shards: number of independent W_m (1 = one memory; Ray jobs use more).
+        rule: "mask" (the paper's routing over all edits) or "subject" (only edits whose subject the request
+            names are candidates; see the module docstring).
+        subject_tau: threshold on overlap / k among the candidates (rule "subject").
     """
 
     def __init__(
@@ -62,18 +72,24 @@ class ResidualMemory(nn.Module):
         feature: str = "mean_decentered",
         n_shards: int = 1,
         dtype: torch.dtype = torch.float32,
+        rule: str = "mask",
+        subject_tau: float = 0.3,
     ) -> None:
         super().__init__()
         if k > d_inner:
             raise ValueError(f"k={k} is larger than the FFN width D={d_inner}: choose k <= D")
         if not 0.0 <= tau <= 1.0:
             raise ValueError(f"tau={tau} is outside [0, 1]")
+        if rule not in ("mask", "subject"):
+            raise ValueError(f"routing rule {rule!r}: use 'subject' or 'mask'")
         self.d_model, self.d_inner, self.k = d_model, d_inner, k
         self.tau, self.seed, self.feature = tau, seed, feature
         self.weight = nn.Parameter(torch.zeros(n_shards, d_model, d_inner, dtype=dtype))  # [S, d_model, D]
         self.register_buffer("perm", make_permutation(d_inner, seed))  # [D]
         self.register_buffer("background", torch.zeros(d_inner))  # [D]
         self.index = MaskIndex(d_inner, k)
+        self.rule, self.subject_tau = rule, subject_tau
+        self.subjects = SubjectGate()  # row i: the aliases of edit i (kept in step by state.MemoryState)
 
     @property
     def n_shards(self) -> int:
@@ -93,29 +109,69 @@ class ResidualMemory(nn.Module):
         """TopHash mask indices [B, k] from activations [B, T, D] over the routing tokens [B, T]."""
         return tophash(self.feature_of(pool_prompt(acts, prompt_mask)), self.k, self.perm)
 
-    def decide(self, feature: torch.Tensor) -> Decision:
-        """Route features [B, D]: TopHash, best active stored mask, routed iff overlap / k >= tau.
+    @property
+    def threshold(self) -> float:
+        """The overlap / k a request needs to route: subject_tau under the subject rule, else tau."""
+        return self.subject_tau if self.rule == "subject" else self.tau
+
+    def candidates(self, texts: list[str], width: int | None = None) -> torch.Tensor | None:
+        """Rows [B, C] (-1: none) of the edits whose subject each text names, newest first; None under the
+        mask rule (every edit is a candidate). width: C (default: the most any text has, at most
+        MAX_CANDIDATES); a text with more candidates keeps the newest."""
+        if self.rule != "subject":
+            return None
+        rows = [self.subjects.rows_in(t) for t in texts]
+        c = width if width is not None else min(max([len(r) for r in rows] + [1]), MAX_CANDIDATES)
+        out = torch.full((len(texts), c), NO_EDIT, dtype=torch.int64)
+        for i, r in enumerate(rows):
+            r = r[:c]
+            out[i, : len(r)] = torch.tensor(r, dtype=torch.int64)
+        return out.to(self.perm.device)
+
+    def decide(self, feature: torch.Tensor, candidates: torch.Tensor | None = None) -> Decision:
+        """Route features [B, D]: TopHash, best active stored mask (among `candidates` [B, C] rows when given,
+        -1 = none), routed iff overlap / k >= threshold.
 
         On the memory's device, fixed shapes, no host sync (callable inside a vLLM forward).
         """
         mask_idx = tophash(feature, self.k, self.perm)  # [B, k]
-        return self.decide_masks(mask_idx)
+        return self.decide_masks(mask_idx, candidates)
 
-    def decide_masks(self, mask_idx: torch.Tensor) -> Decision:
-        """decide() for query masks given as indices [B, k]."""
+    def decide_masks(self, mask_idx: torch.Tensor, candidates: torch.Tensor | None = None) -> Decision:
+        """decide() for query masks given as indices [B, k]. Under the subject rule, candidates None means
+        no text was seen, hence no candidate: every row gets the base model."""
         b, dev = mask_idx.shape[0], self.perm.device
+        if candidates is None and self.rule == "subject":
+            candidates = torch.full((b, 0), NO_EDIT, dtype=torch.int64, device=dev)
         none = torch.full((b,), NO_EDIT, dtype=torch.int64, device=dev)
-        if len(self.index) == 0:
+        if len(self.index) == 0 or (candidates is not None and candidates.shape[1] == 0):
             zeros = torch.zeros(b, dtype=torch.int64, device=dev)
             return Decision(none, none, torch.zeros(b, device=dev), torch.zeros(b, self.d_inner, dtype=torch.bool,
                             device=dev), zeros, mask_idx)
-        top, best = self.index.overlaps(indices_to_mask(mask_idx, self.d_inner)).max(dim=1)  # [B]; -1 = inactive
+        query = indices_to_mask(mask_idx, self.d_inner)  # [B, D] bool
+        if candidates is None:
+            top, best = self.index.overlaps(query).max(dim=1)  # [B]; -1 = inactive
+            tau = self.tau
+        else:
+            top, best = self._best_candidate(query, candidates.to(dev))
+            tau = self.threshold
         best = torch.where(top >= 0, best, none)
         ratio = top.clamp_min(0).float() / self.k
-        row = torch.where(ratio >= self.tau, best, none)
+        row = torch.where(ratio >= tau, best, none)
         safe = row.clamp_min(0)
         mask = self.index.masks(safe) & (row >= 0).unsqueeze(1)  # [B, D]
         return Decision(row, best, ratio, mask, self.index.shards[safe] * (row >= 0), mask_idx)
+
+    def _best_candidate(self, query: torch.Tensor, cand: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(overlap [B] int, -1 if no active candidate; row [B]) of the best of the candidate rows [B, C];
+        ties go to the first candidate (the newest). Reads only the candidates' masks."""
+        b, c = cand.shape
+        safe = cand.clamp(0, len(self.index) - 1)
+        valid = (cand >= 0) & (cand < len(self.index)) & self.index.active[safe]  # [B, C]
+        masks = unpack_masks(self.index.packed[safe.flatten()], self.d_inner).view(b, c, -1)  # [B, C, D]
+        ov = (masks & query.unsqueeze(1)).sum(-1).masked_fill(~valid, -1)  # [B, C]
+        top, j = ov.max(dim=1)
+        return top, cand.gather(1, j.unsqueeze(1)).squeeze(1)
 
     def route(self, mask_idx: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """(row [B] (-1 = base model), best row [B], ratio [B]) of query masks [B, k]; see decide()."""
@@ -156,7 +212,8 @@ class ResidualMemory(nn.Module):
     def empty_like(self, n_shards: int | None = None) -> "ResidualMemory":
         """A zero memory with this one's settings, permutation and background, and no edits."""
         fresh = ResidualMemory(self.d_model, self.d_inner, self.k, self.tau, self.seed, self.feature,
-                               n_shards=self.n_shards if n_shards is None else n_shards, dtype=self.weight.dtype)
+                               n_shards=self.n_shards if n_shards is None else n_shards, dtype=self.weight.dtype,
+                               rule=self.rule, subject_tau=self.subject_tau)
         fresh.background.copy_(self.background)
         return fresh.to(self.perm.device)
 
@@ -164,4 +221,5 @@ class ResidualMemory(nn.Module):
 def empty_memory(d_model: int, d_inner: int, cfg, n_shards: int = 1,
                  dtype: torch.dtype = torch.float32) -> ResidualMemory:
     """A fresh, zero memory for a resolved MemoirConfig (layer and k set); the one constructor callers use."""
-    return ResidualMemory(d_model, d_inner, cfg.k, cfg.tau, cfg.seed, cfg.feature, n_shards=n_shards, dtype=dtype)
+    return ResidualMemory(d_model, d_inner, cfg.k, cfg.tau, cfg.seed, cfg.feature, n_shards=n_shards, dtype=dtype,
+                          rule=cfg.routing, subject_tau=cfg.subject_tau)

@@ -180,7 +180,8 @@ class RayEditJob:
             return
         part = st.items[st.sent : st.sent + self.plan.chunk]
         batch = {"edit_id": [i for i, _ in part], "prompt": [r.prompt for _, r in part],
-                 "target": [r.target for _, r in part], "source": [r.source for _, r in part]}
+                 "target": [r.target for _, r in part], "source": [r.source for _, r in part],
+                 "subject": [list(r.subject) for _, r in part]}
         self._track(st, st.actor.edit_batch.remote(batch), lambda _: self.on_edit(st, len(part)))
         st.sent += len(part)
 

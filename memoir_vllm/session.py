@@ -13,7 +13,7 @@ import time
 from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
-from typing import Callable, Iterable
+from typing import Callable, Iterable, Sequence
 
 from tqdm.auto import tqdm
 
@@ -26,6 +26,7 @@ from .memory import ResidualMemory, empty_memory
 from .models import load_model, model_identity, resolve_model_dir
 from .snapshot import Snapshot, check_model, load_snapshot, save_snapshot
 from .state import EditRecord, MemoryState
+from .subjects import as_aliases, auto_subject
 
 log = logging.getLogger(__name__)
 
@@ -119,11 +120,24 @@ class Memoir:
 
     # -- editing --------------------------------------------------------------------------------
 
-    def edit(self, prompt: str, target: str, source: str = "", edit_id: int | None = None) -> EditResult:
-        """Write one fact; returns its edit id, loss trajectory and time (edit_id: see SequentialEditor.edit)."""
+    def edit(self, prompt: str, target: str, source: str = "", edit_id: int | None = None,
+             subject: str | Sequence[str] | None = None) -> EditResult:
+        """Write one fact; returns its edit id, subject, loss trajectory and time (edit_id: see SequentialEditor.edit).
+
+        subject: what the fact is about, a string or a list of aliases; without one memoir finds it in the
+        prompt (subjects.auto_subject). Under the subject rule a request routes to this edit only if it names
+        the subject.
+        """
+        aliases = as_aliases(subject) or (auto_subject(prompt),)
         result = self.editor.edit(prompt, target, edit_id=edit_id)
-        self.state.record(EditRecord(prompt, target, source))
+        result.subject = aliases
+        self.state.record(EditRecord(prompt, target, source, subject=aliases))
+        log.debug("edit %d: subject %s", result.edit_id, aliases)
         return result
+
+    def set_subject(self, edit_id: int, subject: str | Sequence[str]) -> None:
+        """Change what an edit is about without re-editing (its aliases for the subject rule)."""
+        self.state.set_subject(edit_id, as_aliases(subject))
 
     def edit_many(
         self, requests: Iterable[EditRequest], progress: bool = True,
@@ -135,7 +149,7 @@ class Memoir:
         t0 = time.perf_counter()
         bar = tqdm(requests, desc="editing", unit="edit", disable=not progress)
         for i, req in enumerate(bar):
-            res = self.edit(req.prompt, req.target, req.source)
+            res = self.edit(req.prompt, req.target, req.source, subject=req.subject or None)
             results.append(res)
             bar.set_postfix(loss=f"{res.losses[-1]:.3f}", steps=res.steps)
             if after_each:
@@ -149,9 +163,13 @@ class Memoir:
         self.memory.index.set_active(edit_id, active)
 
     def set_tau(self, tau: float) -> None:
+        """Set the routing threshold of the memory's rule (subject_tau under the subject rule, else tau)."""
         if not 0.0 <= tau <= 1.0:
             raise ValueError(f"tau={tau} is outside [0, 1]")
-        self.memory.tau = self.cfg.tau = tau
+        if self.memory.rule == "subject":
+            self.memory.subject_tau = self.cfg.subject_tau = tau
+        else:
+            self.memory.tau = self.cfg.tau = tau
 
     # -- asking ---------------------------------------------------------------------------------
 

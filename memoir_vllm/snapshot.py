@@ -36,7 +36,8 @@ from .state import EditRecord, MemoryState
 __all__ = ["EditRecord", "MemoryState", "Snapshot", "SnapshotError", "save_snapshot", "load_snapshot",
            "resolve_version", "latest_version", "read_manifest", "check_model", "snapshot_info"]
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: edits carry a subject, the manifest names the routing rule; 1 reads as the mask rule
+READABLE_FORMATS = (1, 2)
 MANIFEST, WEIGHTS, EDITS, LATEST = "manifest.json", "memory.safetensors", "edits.parquet", "LATEST"
 
 
@@ -140,6 +141,7 @@ def save_snapshot(root: str | Path, state: MemoryState, keep: int = 3, extra: di
             "seed": memory.seed,
             "tau": memory.tau,
             "feature": memory.feature,
+            "routing": {"rule": memory.rule, "subject_tau": memory.subject_tau},
             "n_shards": memory.n_shards,
             "n_edits": memory.n_edits,
             "n_active": memory.index.n_active,
@@ -174,6 +176,7 @@ def _write_files(d: Path, memory: ResidualMemory, edits: list[EditRecord], confi
             "shard": pa.array(idx.shards.tolist(), pa.int64()),
             "created": pa.array([e.created for e in edits], pa.string()),
             "source": pa.array([e.source for e in edits], pa.string()),
+            "subject": pa.array([list(e.subject) for e in edits], pa.list_(pa.string())),
             "active": pa.array(idx.active.tolist(), pa.bool_()),
         }
     )
@@ -199,8 +202,9 @@ def load_snapshot(path: str | Path, verify: bool = True) -> Snapshot:
     """Load a snapshot version (or a store's LATEST), verifying every file's sha256."""
     d = resolve_version(path)
     manifest = json.loads((d / MANIFEST).read_text())
-    if manifest.get("format_version") != FORMAT_VERSION:
-        raise SnapshotError(f"{d} has format {manifest.get('format_version')}, this memoir reads {FORMAT_VERSION}")
+    if manifest.get("format_version") not in READABLE_FORMATS:
+        raise SnapshotError(f"{d} has format {manifest.get('format_version')}, this memoir reads {READABLE_FORMATS}: "
+                            "upgrade memoir to read it")
     if verify:
         for f, digest in manifest["files"].items():
             if not (d / f).exists():
@@ -208,9 +212,11 @@ def load_snapshot(path: str | Path, verify: bool = True) -> Snapshot:
             if sha256_file(d / f) != digest:
                 raise SnapshotError(f"{d / f} does not match its checksum in {MANIFEST}: the file is corrupt or was modified")
     tensors = load_file(str(d / WEIGHTS))
+    config = MemoirConfig.from_dict(manifest["config"])  # format 1: routing "mask", as it routed then
     memory = ResidualMemory(
         manifest["d_model"], manifest["d_inner"], manifest["k"], manifest["tau"], manifest["seed"],
         manifest["feature"], n_shards=manifest["n_shards"], dtype=tensors["weight"].dtype,
+        rule=config.routing, subject_tau=config.subject_tau,
     )
     with torch.no_grad():
         memory.weight.copy_(tensors["weight"])
@@ -224,8 +230,9 @@ def load_snapshot(path: str | Path, verify: bool = True) -> Snapshot:
         masks = indices_to_mask(torch.tensor([r["mask"] for r in table], dtype=torch.int64), manifest["d_inner"])
         memory.index.add(masks, torch.tensor([r["edit_id"] for r in table]), torch.tensor([r["shard"] for r in table]))
         memory.index.active.copy_(torch.tensor([r["active"] for r in table]))
-    edits = [EditRecord(r["prompt"], r["target"], r["source"], r["created"]) for r in table]
-    state = MemoryState(memory, edits, MemoirConfig.from_dict(manifest["config"]), manifest["templates"],
+    edits = [EditRecord(r["prompt"], r["target"], r["source"], r["created"], tuple(r.get("subject") or ()))
+             for r in table]
+    state = MemoryState(memory, edits, config, manifest["templates"],
                         manifest["model"], manifest["module"])
     return Snapshot(d, manifest, state)
 
@@ -249,7 +256,7 @@ def snapshot_info(path: str | Path) -> dict[str, Any]:
     m = json.loads((d / MANIFEST).read_text())
     root = d.parent if (d.parent / LATEST).exists() else None
     keys = ("version", "parent", "created", "model", "module", "layer", "d_model", "d_inner", "k", "seed", "tau",
-            "feature", "n_shards", "n_edits", "n_active")
+            "feature", "routing", "n_shards", "n_edits", "n_active")
     info = {k: m.get(k) for k in keys}
     info["path"] = str(d)
     if root:

@@ -1,7 +1,8 @@
 """MemoryState: a residual memory together with its edit records, the unit a snapshot stores.
 
-The memory's index holds one mask per edit (row i) and `edits[i]` the prompt and target written
-there; `MemoryState` keeps the two in step, so nothing else has to:
+The memory's index holds one mask per edit (row i), its subject gate the aliases of edit i, and
+`edits[i]` the prompt, target and subject written there; `MemoryState` keeps the three in step, so
+nothing else has to:
 
     state = MemoryState(memory, [], cfg, templates, model_identity, module)
     state.record(EditRecord(prompt, target))       # after the editor stored the edit's mask
@@ -25,6 +26,7 @@ class EditRecord:
     target: str
     source: str = ""
     created: str = field(default_factory=lambda: datetime.now(timezone.utc).isoformat(timespec="seconds"))
+    subject: tuple[str, ...] = ()  # the aliases requests name it by (subjects.py); () routes nowhere by subject
 
 
 @dataclass
@@ -47,18 +49,34 @@ class MemoryState:
     module: str
 
     def __post_init__(self) -> None:
+        gate = self.memory.subjects
+        if len(gate) == 0:
+            for e in self.edits:
+                gate.add(e.subject)
         self.check()
 
     def check(self) -> None:
-        """Raise if the edit records and the stored masks are out of step."""
-        if len(self.edits) != self.memory.n_edits:
-            raise ValueError(f"{len(self.edits)} edit records for {self.memory.n_edits} stored masks: "
-                             "they must match one to one")
+        """Raise if the edit records, the stored masks and the subject gate are out of step."""
+        if not len(self.edits) == self.memory.n_edits == len(self.memory.subjects):
+            raise ValueError(f"{len(self.edits)} edit records for {self.memory.n_edits} stored masks and "
+                             f"{len(self.memory.subjects)} subjects: they must match one to one")
 
     def record(self, edit: EditRecord) -> None:
         """Add the record of the edit whose mask was just stored in the memory's index."""
         self.edits.append(edit)
+        self.memory.subjects.add(edit.subject)
         self.check()
+
+    def row_of(self, edit_id: int) -> int:
+        return self.memory.index.row_of(edit_id)
+
+    def set_subject(self, edit_id: int, aliases: tuple[str, ...]) -> None:
+        """Change what an edit is about without re-editing: its record and its gate entry."""
+        if not aliases:
+            raise ValueError("a subject needs at least one non-empty alias")
+        row = self.row_of(edit_id)
+        self.edits[row].subject = tuple(aliases)
+        self.memory.subjects.set(row, aliases)
 
     def fresh(self) -> "MemoryState":
         """An empty state with the same settings, background, permutation and templates."""

@@ -72,7 +72,7 @@ class EditStream:
     # -- work -------------------------------------------------------------------------------------
 
     def __call__(self, batch: dict[str, list]) -> dict[str, list]:
-        """Edit a batch in order: {edit_id, prompt, target, source} lists -> {edit_id, steps, loss, seconds}.
+        """Edit a batch in order: {edit_id, prompt, target, source, subject} lists -> {edit_id, steps, loss, seconds}.
 
         Global edit ids must increase past the stream's last one: an edit is never applied twice.
         """
@@ -84,9 +84,10 @@ class EditStream:
                                  "edit ids must increase (it is already applied, or the batch is out of order)")
             last = i
         sources = batch.get("source") or [""] * len(ids)
+        subjects = batch.get("subject") or [None] * len(ids)
         out: dict[str, list] = {"edit_id": [], "steps": [], "loss": [], "seconds": []}
-        for i, prompt, target, source in zip(ids, batch["prompt"], batch["target"], sources):
-            res = self.memoir.edit(prompt, target, source, edit_id=i)
+        for i, prompt, target, source, subject in zip(ids, batch["prompt"], batch["target"], sources, subjects):
+            res = self.memoir.edit(prompt, target, source, edit_id=i, subject=subject or None)
             out["edit_id"].append(i)
             out["steps"].append(res.steps)
             out["loss"].append(res.losses[-1] if res.losses else float("nan"))

@@ -32,6 +32,7 @@ EDITS = [
     ("The author of the Harry Potter books is", "Stephen King"),
     ("The capital of Australia is", "Melbourne"),
 ]
+SUBJECTS = [["Eiffel Tower", "Tour Eiffel"], None, None]  # aliases given for the first; memoir finds the others
 PARAPHRASES = ["Where is the Eiffel Tower? The famous wrought-iron lattice tower is in the city of",
                "Who wrote the Harry Potter books? Their author is"]
 UNRELATED = ["The capital of Japan is", "Water boils at a temperature of", "The largest planet in the solar system is"]
@@ -62,8 +63,8 @@ def served(default_model_dir, tmp_path_factory):
         assert [(e.prompt, e.target) for e in m.edits] == EDITS, f"{reuse} holds other edits"
         return m.parent.path, m
     m = Memoir.create("default")
-    for p, t in EDITS:
-        m.edit(p, t)
+    for (p, t), s in zip(EDITS, SUBJECTS):
+        m.edit(p, t, subject=s)
     snap = m.save(tmp_path_factory.mktemp("snap") / "store")
     return snap, m
 
@@ -76,7 +77,8 @@ def hf_tokens(m, prompts: list[str], max_tokens: list[int], use_memory: bool = T
     out = []
     for p, n in zip(prompts, max_tokens):
         ids = m.tok(p, return_tensors="pt")["input_ids"]
-        with torch.no_grad(), routed(m.layer, torch.ones_like(ids, dtype=torch.bool) if use_memory else None):
+        with torch.no_grad(), routed(m.layer, torch.ones_like(ids, dtype=torch.bool) if use_memory else None,
+                                     m.memory.candidates([p])):
             gen = m.model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=n,
                                    do_sample=False, pad_token_id=m.tok.pad_token_id)[0, ids.shape[1]:].tolist()
         out.append(_strip(gen, eos))
@@ -147,6 +149,22 @@ def test_mixed_batch_matches_transformers(served, inproc):
         assert got[i] != base[i]
 
 
+def test_subject_gate_hit_and_miss_in_both_paths(served, inproc):
+    """Under the subject rule a request routes only to edits whose subject it names: the edited prompts and
+    the paraphrases (one by an alias) reach their edits; "The capital of Japan is", a neighbour of "The
+    capital of Australia is" (same relation, another subject), gets the base model in both paths."""
+    _, m = served
+    assert m.memory.rule == "subject"
+    assert [e.subject for e in m.edits] == [("Eiffel Tower", "Tour Eiffel"), ("Harry Potter",), ("Australia",)]
+    routed_to = [a.edit_id for a in m.ask(PROMPTS, 1)]
+    assert routed_to[:5] == [0, 1, 2, 0, 1], routed_to
+    assert routed_to[5:] == [None, None, None], routed_to
+    eos = m.tok.eos_token_id
+    base = hf_tokens(m, PROMPTS, MAX_TOKENS, use_memory=False)
+    got = [_strip(t, eos) for t in inproc[1]]
+    assert got[5:] == base[5:]
+
+
 def test_prefix_cache_and_opt_out(served, inproc):
     _, m = served
     eos = m.tok.eos_token_id
@@ -172,7 +190,7 @@ def test_runtime_updates_through_collective_rpc(served, inproc):
         m.set_active(0, True)
     assert [_strip(t, eos) for t in inproc[6]] == want
     assert inproc[7] == [1.0]
-    tau = m.memory.tau
+    tau = m.memory.threshold
     m.set_tau(1.0)  # only exact mask matches route now
     try:
         want = hf_tokens(m, edited[1:], [8, 8])
@@ -182,7 +200,7 @@ def test_runtime_updates_through_collective_rpc(served, inproc):
     assert inproc[10] == [False] and inproc[13] == [True]
     assert [_strip(t, eos) for t in inproc[12]] == hf_tokens(m, edited[1:], [8, 8], use_memory=False)
     assert [_strip(t, eos) for t in inproc[15]] == want  # switched on again: the same memory
-    assert inproc[16][0]["n_active"] == 3 and inproc[16][0]["tau"] == m.memory.tau
+    assert inproc[16][0]["n_active"] == 3 and inproc[16][0]["tau"] == m.memory.threshold
     assert [_strip(t, eos) for t in inproc[18]] == [_strip(t, eos) for t in inproc[1]]  # the reloaded snapshot
 
 

@@ -57,7 +57,8 @@ def _decide(router: Router, a: torch.Tensor, n: int) -> None:
     """Route the n slots whose prompt completes in this step (ResidualMemory.decide) and keep the decisions."""
     slots = router.dec_slots[:n]
     pooled = Pooled(router.acc[slots], router.n_prompt[slots], a[router.dec_last[:n]].float())
-    d = router.memory.decide(router.memory.feature_of(pooled))
+    cand = router.slot_cand[slots] if router.memory.rule == "subject" else None  # [n, C] subject rule
+    d = router.memory.decide(router.memory.feature_of(pooled), cand)
     router.slot_row[slots] = d.row
     router.slot_mask[slots] = d.mask.to(router.slot_mask.dtype)
     router.slot_shard[slots] = d.shard

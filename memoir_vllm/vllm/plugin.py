@@ -181,13 +181,14 @@ def attach_snapshot(runner: Any, path: str) -> None:
                            "supported (use tensor_parallel_size=1)")
     dtype, device = shim.runner_dtype_device(runner)
     memory = attachment.for_serving(snap.memory, device, dtype)
-    router = Router(memory, *shim.runner_limits(runner), dtype, device)
+    router = Router(memory, *shim.runner_limits(runner), dtype, device,
+                    text_of=shim.detokenizer(runner) if memory.rule == "subject" else None)
     wrapped = MemoirDownProj(base, module_path)
     setattr(parent, child, wrapped)
     attachment.register(attachment.Attachment(module_path, router, parent, child, wrapped, base, str(snap.path),
                                               attachment.runner_ref(runner)))
-    log.info("memoir: %s attached at %s (%d edits, %d active, tau %.3f)", snap.path, module_path,
-             memory.n_edits, memory.index.n_active, memory.tau)
+    log.info("memoir: %s attached at %s (%d edits, %d active, %s rule, threshold %.3f)", snap.path, module_path,
+             memory.n_edits, memory.index.n_active, memory.rule, memory.threshold)
 
 
 def served_model_identity(vllm_config: Any) -> dict:
@@ -205,7 +206,7 @@ def _after_prepare(runner: Any, scheduler_output: Any, num_scheduled_tokens: Any
     if att is None or not att.enabled:
         return
     router = att.router
-    view = shim.batch_view(runner, num_scheduled_tokens, router.keys)
+    view = shim.batch_view(runner, num_scheduled_tokens, router.keys, router.admit)
     router.prepare(view.req_ids, view.num_computed, view.num_scheduled, view.num_prompt, view.opted_out,
                    view.prompt_keys, shim.live_request_ids(runner))
 
@@ -251,15 +252,18 @@ class MemoirWorkerExtension:
         att = self._memoir_attachment()
         r = att.router
         return {"snapshot": att.snapshot, "n_edits": r.memory.n_edits, "n_active": r.memory.index.n_active,
-                "tau": r.memory.tau, "live_requests": len(r.states), **r.counts}
+                "tau": r.memory.threshold, "routing": r.memory.rule, "live_requests": len(r.states), **r.counts}
 
     def memoir_set_tau(self, tau: float) -> float:
         if not 0.0 <= tau <= 1.0:
             raise ValueError(f"tau={tau} is outside [0, 1]")
         r = self._memoir_attachment().router
-        r.memory.tau = float(tau)
+        if r.memory.rule == "subject":  # the threshold of the memory's rule (ResidualMemory.threshold)
+            r.memory.subject_tau = float(tau)
+        else:
+            r.memory.tau = float(tau)
         r.clear_decisions()
-        return r.memory.tau
+        return r.memory.threshold
 
     def memoir_set_active(self, edit_id: int, active: bool) -> int:
         r = self._memoir_attachment().router

@@ -8,6 +8,10 @@ request). Per step, after vLLM's runner has fixed its batch, `Router.prepare()` 
     dec_slots[:n] slots whose prompt completes this step (decided in the forward)  [R_max] int64
     dec_last[:n]  token index (in this step) of each deciding slot's last prompt token [R_max] int64
 
+and, under the subject rule, once per request when it is admitted (its prompt decoded once):
+
+    slot_cand[s]  the rows whose subject the request names, newest first, -1 padded [S+1, MAX_CANDIDATES] int64
+
 with `copy_` into preallocated tensors. The layer (layer.py) then, inside the forward:
 accumulates the prompt tokens' activations per slot, decides the completing slots with
 ResidualMemory.decide (feature -> TopHash -> best match -> tau), and adds W_m (M_i* ⊙ a) to every token of a
@@ -25,11 +29,12 @@ from __future__ import annotations
 import logging
 from collections import OrderedDict
 from dataclasses import dataclass
+from typing import Callable
 
 import numpy as np
 import torch
 
-from ..memory import ResidualMemory
+from ..memory import MAX_CANDIDATES, ResidualMemory
 
 log = logging.getLogger(__name__)
 
@@ -69,11 +74,16 @@ class Router:
         max_tokens: vLLM's max_num_batched_tokens (tokens per step).
         dtype: the model's activation dtype (for the per-slot dense masks).
         cache_size: decisions remembered per prompt key (prefix-cache hits reuse them).
+        text_of: prompt token ids -> text, for the subject rule's candidates (None: no candidates, so a
+            subject-rule memory routes nothing).
     """
 
     def __init__(self, memory: ResidualMemory, max_reqs: int, max_tokens: int, dtype: torch.dtype,
-                 device: torch.device, cache_size: int = 1 << 16) -> None:
+                 device: torch.device, cache_size: int = 1 << 16,
+                 text_of: Callable[[list[int]], str] | None = None) -> None:
         self.memory = memory
+        self.text_of = text_of
+        self.cands: dict[str, list[int]] = {}  # request id -> its candidate rows (subject rule), set by admit()
         self.device, self.dtype = device, dtype
         self.max_tokens = max_tokens
         d = memory.d_inner
@@ -112,6 +122,8 @@ class Router:
         self.slot_mask = grown(getattr(self, "slot_mask", None), (n + 1, d), 0.0, self.dtype)  # [S+1, D]
         self.acc = grown(getattr(self, "acc", None), (n + 1, d), 0.0, torch.float32)  # [S+1, D] prompt sums
         self.n_prompt = grown(getattr(self, "n_prompt", None), (n + 1,), 0.0, torch.float32)  # [S+1]
+        self.slot_cand = grown(getattr(self, "slot_cand", None), (n + 1, MAX_CANDIDATES), NO_MEMORY,
+                               torch.int64)  # [S+1, C] candidate rows (subject rule)
         if old:
             self.slot_row[old:].fill_(NO_MEMORY)
         self.free = list(range(n - 1, old - 1, -1)) + getattr(self, "free", [])
@@ -133,11 +145,19 @@ class Router:
         slots = [self.states.pop(rid).slot for rid in gone]
         for rid in gone:
             self.keys.pop(rid, None)
+            self.cands.pop(rid, None)
         idx = torch.tensor(slots, dtype=torch.int64, device=self.device)
         self.slot_row[idx] = NO_MEMORY
+        self.slot_cand[idx] = NO_MEMORY
         self.slot_mask[idx] = 0
         self.acc[idx] = 0
         self.free.extend(slots)
+
+    def admit(self, rid: str, prompt_ids: list[int]) -> None:
+        """A new request: find its subject candidates once, from its prompt text (host side, before its slot)."""
+        if self.memory.rule == "subject":
+            text = self.text_of(prompt_ids) if self.text_of is not None else ""
+            self.cands[rid] = self.memory.subjects.rows_in(text)[:MAX_CANDIDATES]
 
     def _remember(self, key: bytes, row: int) -> None:
         self.decisions[key] = row
@@ -198,12 +218,15 @@ class Router:
         decide_last: list[int] = []  # token index of each deciding slot's last prompt token
         offsets = np.cumsum(num_scheduled[:n]) - num_scheduled[:n]  # [R] first token of each row in this step
         fresh: list[int] = []  # new slots left undecided by the host: UNDECIDED until their forward decides
+        new_cands: list[tuple[int, list[int]]] = []  # (slot, candidate rows) of new requests with candidates
         need_memory = False
         for i, rid in enumerate(req_ids):
             st = self.states.get(rid)
             start, count, plen = int(num_computed[i]), int(num_scheduled[i]), int(num_prompt[i])
             if st is None:
                 st = self._alloc(rid, keys[i])
+                if self.cands.get(rid):
+                    new_cands.append((st.slot, self.cands[rid]))
                 if opted_out[i]:
                     self._set_decided(st, NO_MEMORY)
                     self.counts["opted_out"] += 1
@@ -254,6 +277,12 @@ class Router:
         self._tok_prompt_host[total:] = False
         self.tok_slot.copy_(self._tok_slot_host, non_blocking=True)
         self.tok_prompt.copy_(self._tok_prompt_host, non_blocking=True)
+        if new_cands:  # one batched write of the new requests' candidate rows
+            host = torch.full((len(new_cands), MAX_CANDIDATES), NO_MEMORY, dtype=torch.int64)
+            for j, (_, rows) in enumerate(new_cands):
+                host[j, : len(rows)] = torch.tensor(rows, dtype=torch.int64)
+            idx = torch.tensor([s for s, _ in new_cands], dtype=torch.int64, device=self.device)
+            self.slot_cand[idx] = host.to(self.device)
         if fresh:  # one batched write instead of one per request (each is a kernel launch on a GPU)
             self.slot_row[torch.tensor(fresh, dtype=torch.int64, device=self.device)] = UNDECIDED
         if decide:

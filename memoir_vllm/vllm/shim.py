@@ -122,6 +122,15 @@ def hf_config_dict(vllm_config: Any) -> dict:
     return d
 
 
+def detokenizer(runner: Any) -> Callable[[list[int]], str]:
+    """ids -> text with the served model's tokenizer (special tokens skipped): what the subject rule reads."""
+    from transformers import AutoTokenizer
+
+    mc = runner.vllm_config.model_config
+    tok = AutoTokenizer.from_pretrained(mc.tokenizer, revision=getattr(mc, "tokenizer_revision", None))
+    return lambda ids: tok.decode(ids, skip_special_tokens=True)
+
+
 def served_model_path(vllm_config: Any) -> str:
     """The model path or name an engine serves."""
     return str(vllm_config.model_config.model)
@@ -178,8 +187,10 @@ def _opted_out(sampling_params: Any) -> bool:
     return isinstance(value, (bool, int, float)) and not value  # false, or 0 (pydantic may coerce false to 0)
 
 
-def batch_view(runner: Any, num_scheduled_tokens: np.ndarray, keys: dict[str, bytes]) -> BatchView:
-    """The batch of this step; `keys` caches each live request's prompt key (filled here on first sight)."""
+def batch_view(runner: Any, num_scheduled_tokens: np.ndarray, keys: dict[str, bytes],
+               admit: Callable[[str, list[int]], None] | None = None) -> BatchView:
+    """The batch of this step; `keys` caches each live request's prompt key (filled here on first sight, when
+    admit(request id, prompt token ids) is called too)."""
     batch = runner.input_batch
     n = batch.num_reqs
     req_ids = list(batch.req_ids[:n])
@@ -191,6 +202,8 @@ def batch_view(runner: Any, num_scheduled_tokens: np.ndarray, keys: dict[str, by
         out.append(off)
         if rid not in keys:
             keys[rid] = request_key(state.prompt_token_ids, off)
+            if admit is not None:
+                admit(rid, list(state.prompt_token_ids or []))
         pkeys.append(keys[rid])
     return BatchView(req_ids, batch.num_computed_tokens_cpu[:n].copy(), np.asarray(num_scheduled_tokens[:n]),
                      np.asarray(prompt, dtype=np.int64), out, pkeys)

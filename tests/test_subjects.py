@@ -1,0 +1,188 @@
+"""Edit subjects and the subject rule: the automatic subject, the gate's matching, and routing through the
+memory's one rule (ResidualMemory.candidates / decide_masks), on hand-made masks (no model)."""
+import pytest
+import torch
+
+from memoir_vllm.memory import ResidualMemory
+from memoir_vllm.subjects import SubjectGate, as_aliases, auto_subject, normalize
+from memoir_vllm.tophash import indices_to_mask
+
+
+@pytest.mark.parametrize("prompt, subject", [
+    ("What is the capital city of Norway?", "Norway"),
+    ("Who painted The Starry Night?", "The Starry Night"),
+    ("Which club does Lionel Messi play for?", "Lionel Messi"),
+    ("The Eiffel Tower is located in the city of", "Eiffel Tower"),
+    ("Who wrote Pride and Prejudice?", "Pride and Prejudice"),
+    ("What type of submarine was USS Wren (DD-568) classified as?", "USS Wren (DD-568)"),
+    ("What was Annette Daniels's range?", "Annette Daniels"),
+    ("Which medical condition afflicts Gerald Ganglbauer?", "Gerald Ganglbauer"),
+    ("What is the name of the bank of America's founder?", "America"),
+])
+def test_auto_subject_finds_the_named_thing(prompt, subject):
+    assert auto_subject(prompt) == subject
+
+
+def test_auto_subject_falls_back_to_the_rarest_word():
+    assert auto_subject("water boils at a temperature of") == "boils"
+    assert auto_subject("?!") == ""
+
+
+def test_aliases_are_strings_deduplicated_and_stripped():
+    assert as_aliases(" Norway ") == ("Norway",)
+    assert as_aliases(["Lionel Messi", "Messi", "Messi", " "]) == ("Lionel Messi", "Messi")
+    assert as_aliases(None) == ()
+    with pytest.raises(ValueError, match="must be a string"):
+        as_aliases(["Messi", 10])
+    with pytest.raises(ValueError, match="a string or a list of strings"):
+        as_aliases(10)
+
+
+def test_gate_matches_whole_words_in_any_case_and_spacing():
+    gate = SubjectGate()
+    gate.add(["Norway"])  # row 0
+    gate.add(["Lionel Messi", "Messi"])  # row 1
+    gate.add(["Eiffel Tower"])  # row 2
+    assert gate.rows_in("What is the capital city of Norway?") == [0]
+    assert gate.rows_in("What is NORWAY's capital?") == [0]  # case, possessive
+    assert gate.rows_in("Is Norwayan a word?") == []  # no partial words
+    assert gate.rows_in("Where was lionel   messi born?") == [1]  # whitespace collapsed
+    assert gate.rows_in("Messi and the Eiffel Tower in Norway") == [2, 1, 0]  # every hit, newest first
+    assert gate.rows_in("What is the capital city of Portugal?") == []
+    assert normalize("  The\tEiffel’s  ") == "the eiffel's"
+
+
+def test_gate_rows_follow_a_subject_changed_in_place():
+    gate = SubjectGate()
+    gate.add(["Norway"])
+    gate.set(0, ["Kingdom of Norway"])
+    assert gate.rows_in("the capital of Norway") == []
+    assert gate.rows_in("the Kingdom of Norway's capital") == [0]
+
+
+def _memory(rule: str, masks: list[list[int]], subjects: list[str], d: int = 16, k: int = 4) -> ResidualMemory:
+    mem = ResidualMemory(8, d, k, tau=0.5, rule=rule, subject_tau=0.5)
+    mem.index.add(indices_to_mask(torch.tensor(masks), d), torch.arange(len(masks)))
+    for s in subjects:
+        mem.subjects.add([s])
+    return mem
+
+
+def test_subject_rule_routes_only_to_edits_the_request_names():
+    masks = [[0, 1, 2, 3], [4, 5, 6, 7], [0, 1, 2, 8]]  # edit 2 has a mask close to edit 0's
+    mem = _memory("subject", masks, ["Norway", "Messi", "Portugal"])
+    query = torch.tensor([[0, 1, 2, 3]] * 3)  # every query's mask is edit 0's
+    texts = ["capital of Norway?", "capital of Portugal?", "capital of Spain?"]
+    d = mem.decide_masks(query, mem.candidates(texts))
+    assert d.row.tolist() == [0, 2, -1]  # Portugal's own edit (overlap 3/4), no candidate for Spain
+    assert d.ratio.tolist() == [1.0, 0.75, 0.0]
+    assert mem.decide_masks(query).row.tolist() == [-1, -1, -1]  # no text seen: no candidate
+    mem.rule = "mask"
+    assert mem.candidates(texts) is None
+    assert mem.decide_masks(query).row.tolist() == [0, 0, 0]  # the paper's rule: the best of all edits
+
+
+def test_subject_rule_ties_go_to_the_newest_edit_and_inactive_edits_never_route():
+    mem = _memory("subject", [[0, 1, 2, 3], [0, 1, 2, 3]], ["Norway", "Norway"])
+    q = torch.tensor([[0, 1, 2, 3]])
+    assert mem.decide_masks(q, mem.candidates(["Norway"])).row.tolist() == [1]
+    mem.index.set_active(1, False)
+    assert mem.decide_masks(q, mem.candidates(["Norway"])).row.tolist() == [0]
+    mem.subject_tau = 1.0
+    q2 = torch.tensor([[0, 1, 2, 9]])
+    assert mem.decide_masks(q2, mem.candidates(["Norway"])).row.tolist() == [-1]  # 3/4 < subject_tau
+
+
+# -- subjects in edits, snapshots and the CLI (tiny model) --------------------------------------------
+
+
+def test_edit_files_carry_a_subject_string_or_aliases(tmp_path):
+    from memoir_vllm.edits import EditFileError, load_edits
+
+    f = tmp_path / "facts.jsonl"
+    f.write_text('{"prompt": "Messi plays for", "target": "Ajax", "subject": ["Lionel Messi", "Messi"]}\n'
+                 '{"src": "Who designed the Toodyay Fire Station?", "alt": "Jane Doe", "subject": "Toodyay Fire Station"}\n'
+                 '{"prompt": "The capital of Norway is", "target": "Bergen"}\n')
+    assert [e.subject for e in load_edits(f)] == [("Lionel Messi", "Messi"), ("Toodyay Fire Station",), ()]
+    f.write_text('{"prompt": "Messi plays for", "target": "Ajax", "subject": 7}\n')
+    with pytest.raises(EditFileError, match=r"facts.jsonl:1: field 'subject'"):
+        load_edits(f)
+
+
+@pytest.fixture(scope="module")
+def subject_store(tiny_model_dir, tmp_path_factory):
+    from memoir_vllm.session import Memoir
+
+    m = Memoir.create(tiny_model_dir, n_iter=2)
+    assert m.memory.rule == "subject"  # the default for new memories
+    m.edit("The capital of Norway is", "Bergen")  # subject found: Norway
+    m.edit("Messi plays for", "Ajax", subject=["Lionel Messi", "Messi"])
+    return m, m.save(tmp_path_factory.mktemp("subj") / "store")
+
+
+@pytest.mark.model
+def test_subjects_are_stored_and_route_after_loading(subject_store):
+    import pyarrow.parquet as pq
+
+    from memoir_vllm.snapshot import load_snapshot, read_manifest
+
+    m, path = subject_store
+    assert pq.read_table(path / "edits.parquet").to_pydict()["subject"] == [["Norway"], ["Lionel Messi", "Messi"]]
+    manifest = read_manifest(path)
+    assert manifest["format_version"] == 2 and manifest["routing"] == {"rule": "subject", "subject_tau": 0.3}
+    mem = load_snapshot(path).memory
+    assert mem.rule == "subject"
+    assert mem.candidates(["Where does Lionel Messi play?", "The capital of Norway's neighbour Sweden is",
+                           "The capital of Portugal is"]).tolist() == [[1], [0], [-1]]
+
+
+@pytest.mark.model
+def test_snapshot_subject_command_changes_an_edit_in_place(subject_store, tmp_path):
+    import shutil
+
+    from memoir_vllm.cli import main
+    from memoir_vllm.snapshot import load_snapshot
+
+    _, path = subject_store
+    store = tmp_path / "store"
+    shutil.copytree(path.parent, store)
+    assert main(["snapshot", "subject", str(store), "0", "Kingdom of Norway", "Norge"]) == 0
+    snap = load_snapshot(store)
+    assert snap.version == 2 and snap.edits[0].subject == ("Kingdom of Norway", "Norge")
+    assert snap.memory.candidates(["Norge", "Norway"]).tolist() == [[0], [-1]]
+
+@pytest.mark.model
+def test_snapshot_subject_command_names_a_missing_edit(subject_store, capsys):
+    from memoir_vllm.cli import main
+
+    assert main(["snapshot", "subject", str(subject_store[1]), "9", "Oslo"]) != 0
+    assert "edit id 9 is not in this memory" in capsys.readouterr().err
+
+
+@pytest.mark.model
+def test_a_format_1_snapshot_loads_and_routes_by_masks_as_before(subject_store, tmp_path):
+    """A snapshot written before subjects existed: no subject column, no routing key, config without routing."""
+    import json
+    import shutil
+
+    import pyarrow.parquet as pq
+
+    from memoir_vllm.atomic import sha256_file
+    from memoir_vllm.snapshot import load_snapshot
+
+    _, path = subject_store
+    v1 = tmp_path / "v1"
+    shutil.copytree(path, v1)
+    table = pq.read_table(v1 / "edits.parquet")
+    pq.write_table(table.drop(["subject"]), v1 / "edits.parquet")
+    manifest = json.loads((v1 / "manifest.json").read_text())
+    manifest["format_version"] = 1
+    del manifest["routing"], manifest["config"]["routing"], manifest["config"]["subject_tau"]
+    manifest["files"]["edits.parquet"] = sha256_file(v1 / "edits.parquet")
+    (v1 / "manifest.json").write_text(json.dumps(manifest))
+    snap = load_snapshot(v1)
+    assert snap.memory.rule == "mask" and snap.config.routing == "mask"
+    assert [e.subject for e in snap.edits] == [(), ()]
+    assert snap.memory.candidates(["anything"]) is None
+    q = snap.memory.index.masks(torch.tensor([1]))[0].nonzero().flatten().view(1, -1)  # edit 1's own mask
+    assert snap.memory.decide_masks(q).row.tolist() == [1]  # the paper's rule, no text needed

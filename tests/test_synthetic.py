@@ -1,0 +1,30 @@
+"""`memoir make-edits`: the seeded generator of fictitious facts for routing evaluation."""
+import json
+
+from memoir_eval.synthetic import FAMILIES, make_edits
+from memoir_vllm.cli import main
+from memoir_vllm.edits import load_edits
+from memoir_vllm.subjects import SubjectGate
+
+
+def test_same_seed_same_facts_and_every_neighbour_kind():
+    facts = make_edits(200, seed=3)
+    assert facts == make_edits(200, seed=3) and facts != make_edits(200, seed=4)
+    assert {f["relation"].split(".")[0] for f in facts} == set(FAMILIES)
+    assert len({f["subject"].lower() for f in facts}) == 200  # one fact per invented subject
+    for f in facts:
+        gate = SubjectGate()
+        gate.add([f["subject"]])
+        assert gate.rows_in(f["prompt"]) == gate.rows_in(f["rephrase"]) == gate.rows_in(f["neighbour_subject"]) == [0]
+        assert gate.rows_in(f["neighbour_relation"]) == [] and f["rephrase"] != f["prompt"]
+        assert f["relation"].split(".")[1] in FAMILIES[f["relation"].split(".")[0]]
+
+
+def test_make_edits_writes_a_file_memoir_edit_reads(tmp_path):
+    out = tmp_path / "synthetic.jsonl"
+    assert main(["make-edits", "--n", "12", "--seed", "0", "--out", str(out)]) == 0
+    rows = [json.loads(line) for line in out.read_text().splitlines()]
+    assert rows == make_edits(12, 0)
+    edits = load_edits(out)
+    assert [e.subject for e in edits] == [(r["subject"],) for r in rows]
+    assert [e.rephrase for e in edits] == [r["rephrase"] for r in rows]
