@@ -28,9 +28,10 @@ def cmd_eval(args: argparse.Namespace) -> int:
 
     set_threads(args.threads)
     set_device(args.device)
+    # the paper's protocol edits each record once and scores every edit afterwards: no supersede unless asked
     results = run_eval(
         model=args.model, data=args.data, Ts=args.T, out=args.out, limit=args.limit, chunks=args.chunks,
-        settings=settings(args), generative=not args.no_generative, batch_size=args.batch_size,
+        settings={"supersede": False, **settings(args)}, generative=not args.no_generative, batch_size=args.batch_size,
         background=read_background(args.background), resume=args.resume, checkpoint_every=args.checkpoint_every,
     )
     print(markdown_table(results))
@@ -80,7 +81,7 @@ def cmd_eval_routing(args: argparse.Namespace) -> int:
         raise ValueError(f"--n {args.n}: give 1..{len(records) - 1} (the file has {len(records)} records; the rest "
                          "are the neighbours)")
     m = Memoir.create(args.model, **settings(args))
-    results = evaluate_routing(m, records, args.n, subjects=args.subjects)
+    results = evaluate_routing(m, records, args.n, subjects=args.subjects, check_taus=args.check_taus)
     print(markdown(results))
     if args.out:
         write_json(args.out, results)
@@ -99,6 +100,8 @@ def add_eval_routing(sub) -> None:
     p.add_argument("--n", type=int, default=300, help="records stored as edits (the rest are neighbours)")
     p.add_argument("--subjects", choices=("given", "auto"), default="given",
                    help="the file's own subject field (given) or memoir's automatic subject (auto)")
+    p.add_argument("--check-taus", type=lambda s: tuple(float(x) for x in s.split(",")),
+                   help="comma-separated encoder-check thresholds to compare (default: the setting's check_tau)")
     p.add_argument("--out", help="JSON file for the results")
     p.add_argument("--threads", type=int)
     add_settings(p)

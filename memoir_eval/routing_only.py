@@ -12,7 +12,8 @@ the file's own `subject`, or memoir's automatic one), then routed through the me
                    unedited subject routes to some edit
     same_subject   (records with `neighbour_subject`) another relation of an edited subject routes to some edit
 
-for the paper's mask rule (over tau) and the subject rule (over subject_tau), from one set of features.
+for the paper's mask rule (over tau) and the subject rule (over subject_tau) without and with the encoder
+check (at the memory's check_tau), from one set of features.
 
     memoir eval-routing --data zsre --n 300
 """
@@ -46,18 +47,23 @@ def prompt_masks(m, texts: list[str], batch_size: int = 32, progress: bool = Tru
     return torch.cat(out)
 
 
-def _route(memory, masks: torch.Tensor, texts: list[str]) -> torch.Tensor:
-    """Decision rows [Q] (-1: base model) of query masks under the memory's rule and threshold."""
-    return memory.decide_masks(masks, memory.candidates(texts)).row
+def variants(check_taus: tuple[float, ...]) -> dict[str, tuple[str, str, float | None]]:
+    """name -> (rule, subject_check, check_tau) of the rules compared."""
+    out = {"mask": ("mask", "none", None), "subject": ("subject", "none", None)}
+    for c in check_taus:
+        out[f"subject+encoder {c}"] = ("subject", "encoder", c)
+    return out
 
 
 def evaluate_routing(m, records: list[dict[str, Any]], n: int, subjects: str = "given",
-                     taus: tuple[float, ...] = TAUS, progress: bool = True) -> dict[str, Any]:
+                     taus: tuple[float, ...] = TAUS, check_taus: tuple[float, ...] | None = None,
+                     progress: bool = True) -> dict[str, Any]:
     """Routing-only metrics of records[:n] stored as edits; records[n:] are the neighbours.
 
     m: a fresh Memoir (its memory is used for routing only and left empty afterwards).
     records: dicts with src/prompt, rephrase, loc and optionally subject.
     subjects: "given" (the file's subject, auto where missing) or "auto".
+    check_taus: encoder-check thresholds to compare (default: the memory's check_tau).
     """
     prompt = lambda r: r.get("src") or r["prompt"]  # noqa: E731
     stored, others = records[:n], records[n:]
@@ -77,25 +83,30 @@ def evaluate_routing(m, records: list[dict[str, Any]], n: int, subjects: str = "
     from memoir_vllm.tophash import indices_to_mask
 
     memory.index.add(indices_to_mask(E, memory.d_inner), torch.arange(n))
-    for s in subs:
-        memory.subjects.add((s,))
+    for s, r in zip(subs, stored):
+        memory.subjects.add((s,), prompt(r))
     owner = torch.tensor([i for i, _ in para_recs])
     norm_sub = [normalize(s) for s in subs]
     results: dict[str, Any] = {"n_stored": n, "n_neighbours": len(others), "n_paraphrases": len(para_recs),
                                "n_nq": len(nq_texts), "subjects": subjects, "feature_seconds": round(feature_s, 1),
                                "rules": {}}
-    for rule in ("mask", "subject"):
-        memory.rule = rule
+    queries = {"para": (P, [t for _, t in para_recs]), "neighbours": (Nb, [prompt(r) for r in others]),
+               "nq": (NQ, nq_texts), **{key: (M, extra[key]) for key, M in extra_masks.items()}}
+    for name, (rule, check, ctau) in variants(check_taus or (m.memory.check_tau,)).items():
+        memory.rule, memory.subject_check = rule, check
+        memory.check_tau = ctau if ctau is not None else memory.check_tau
+        t1 = time.perf_counter()
+        cands = {q: memory.candidates(texts) for q, (_, texts) in queries.items()}  # do not depend on tau
+        cand_ms = 1000 * (time.perf_counter() - t1) / sum(len(t) for _, t in queries.values())
         rows = []
         for tau in taus:
             memory.tau = memory.subject_tau = tau
             t1 = time.perf_counter()
-            rp = _route(memory, P, [t for _, t in para_recs])
-            rn = _route(memory, Nb, [prompt(r) for r in others])
-            rq = _route(memory, NQ, nq_texts)
-            route_ms = 1000 * (time.perf_counter() - t1) / (len(rp) + len(rn) + len(rq))
-            kinds = {key.replace("neighbour_", "same_"): round(float((_route(memory, M, extra[key]) >= 0).float().mean()), 4)
-                     for key, M in extra_masks.items()}
+            routed = {q: memory.decide_masks(M, cands[q]).row for q, (M, _) in queries.items()}
+            route_ms = cand_ms + 1000 * (time.perf_counter() - t1) / sum(len(t) for _, t in queries.values())
+            rp, rn, rq = routed["para"], routed["neighbours"], routed["nq"]
+            kinds = {key.replace("neighbour_", "same_"): round(float((routed[key] >= 0).float().mean()), 4)
+                     for key in extra_masks}
             same_sub = [bool(r >= 0 and norm_sub[int(r)] == norm_sub[int(o)]) for r, o in zip(rp, owner)]
             rows.append(dict(
                 tau=tau, para_own=round(float((rp == owner).float().mean()), 4),
@@ -103,7 +114,7 @@ def evaluate_routing(m, records: list[dict[str, Any]], n: int, subjects: str = "
                 neighbours=round(float((rn >= 0).float().mean()), 4),
                 nq=round(float((rq >= 0).float().mean()), 4), **kinds, ms_per_query=round(route_ms, 3),
             ))
-        results["rules"][rule] = rows
+        results["rules"][name] = rows
     return results
 
 

@@ -124,7 +124,8 @@ def add_ask(sub) -> None:
                        description="Greedy answers with the memory and without it, the matched edit and overlap.")
     p.add_argument("--snapshot", required=True, help="snapshot store or version directory")
     p.add_argument("--model", help="model directory (default: the one recorded in the snapshot)")
-    p.add_argument("--json", action="store_true", help="one JSON object per prompt")
+    p.add_argument("--json", action="store_true", help="one JSON object per prompt (under the subject rule with "
+                   "its candidates: edit id, subject, encoder cosine, mask overlap: why it routed)")
     p.add_argument("--max-new-tokens", type=int, default=16)
     p.add_argument("--tau", type=float, help="override the snapshot's routing threshold (subject_tau under the "
                    "subject rule)")
@@ -148,7 +149,7 @@ def cmd_snapshot_disable(args: argparse.Namespace) -> int:
 
     snap = load_snapshot(args.snapshot)
     for edit_id in args.edit_ids:
-        snap.memory.index.set_active(edit_id, args.enable)
+        snap.state.set_active(edit_id, args.enable)
     root = resolve_version(args.snapshot).parent
     out = save_snapshot(root, snap.state)
     state = "enabled" if args.enable else "disabled"
@@ -177,7 +178,7 @@ def add_snapshot(sub) -> None:
     d = ssub.add_parser("disable", help="remove edits from routing (writes a new version)")
     d.add_argument("snapshot")
     d.add_argument("edit_ids", type=int, nargs="+", metavar="EDIT_ID")
-    d.add_argument("--enable", action="store_true", help="re-enable instead")
+    d.add_argument("--enable", action="store_true", help="re-enable instead (also undoes a supersede)")
     d.set_defaults(func=cmd_snapshot_disable)
     s = ssub.add_parser("subject", help="change what an edit is about (its subject aliases) without re-editing; "
                         "writes a new version", description="Under the subject rule a request routes to an edit only "

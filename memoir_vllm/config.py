@@ -38,6 +38,7 @@ ARCHITECTURES: dict[str, ArchSpec] = {
 
 FEATURES = ("mean_decentered", "mean", "last")
 ROUTING_RULES = ("subject", "mask")
+SUBJECT_CHECKS = ("encoder", "none")
 STOP_RULES = ("reference", "loss")
 DECAY_RULES = ("coupled", "decoupled")
 
@@ -74,6 +75,15 @@ class MemoirConfig:
                             "subject; among the candidates the best mask overlap >= subject_tau routes) or mask (the "
                             "paper's: the best overlap over all edits >= tau)", ROUTING_RULES)
     subject_tau: float = _setting(0.3, "routing threshold on overlap/k among the subject's candidates (routing=subject)")
+    subject_check: str = _setting("encoder", "second stage of the subject rule: encoder (a candidate must also ask "
+                                  "the edit's question: cosine of all-MiniLM-L6-v2 vectors of the request and the "
+                                  "edit prompt, the subject masked in both, >= check_tau) or none", SUBJECT_CHECKS)
+    check_tau: float = _setting(0.7, "threshold of the encoder check (cosine in [-1, 1]; calibrated on `memoir "
+                                "make-edits` same-subject questions, docs/defaults.md)")
+    supersede: bool = _setting(True, "newest correction wins: a new edit that asks the same question as an active "
+                               "edit (same subject, encoder cosine >= supersede_tau) retires the older one from "
+                               "routing (undo: memoir snapshot disable --enable ID); --no-supersede keeps both")
+    supersede_tau: float = _setting(0.8, "encoder cosine from which two edits of one subject ask the same question")
     # editor (reference: fresh SGD per edit, lr 1.0, wd 1e-5 coupled to lr, clip 1.0, n_iter 30, early stop)
     optimizer: str = _setting("sgd", "editor optimizer (sgd is the reference)", ("sgd", "adam"))
     lr: float = _setting(1.0, "editor learning rate")
@@ -130,14 +140,14 @@ class MemoirConfig:
         if unknown:
             raise ValueError(f"unknown MemoirConfig keys {unknown}; known keys: {sorted(known)}")
         # stored before a setting existed: what ran then (the coupled decay, the mask-only routing)
-        return cls(**{"decay": "coupled", "routing": "mask", **d})
+        return cls(**{"decay": "coupled", "routing": "mask", "subject_check": "none", "supersede": False, **d})
 
 
 # Named presets. "reference" is the paper's Llama-3-8B setting; per-model presets are measured
 # on that model (evidence in docs/defaults.md) and picked by `default_config(model_type, n_layers, D)`.
 PRESETS: dict[str, dict[str, Any]] = {
     "reference": dict(tau=0.4, lr=1.0, n_iter=30, optimizer="sgd", grad_clip=1.0, fast=False, weight_decay=1e-5,
-                      decay="coupled", routing="mask"),
+                      decay="coupled", routing="mask", supersede=False),
     "llama3-8b": dict(layer=27, k=4096, tau=0.4, lr=1.0, n_iter=30),
     "gptj-6b": dict(layer=21, k=4096, tau=0.4, lr=1.0, n_iter=70),
     # SmolLM2-135M (30 blocks, D=1536), measured: see docs/defaults.md

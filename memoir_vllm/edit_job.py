@@ -83,6 +83,7 @@ def run_edit_job(
         "mean_steps": round(sum(r.steps for r in results) / len(results), 2) if results else None,
         "mean_final_loss": round(sum(r.losses[-1] for r in results) / len(results), 4) if results else None,
         "routing": m.memory.rule,
+        "superseded": sum(len(r.superseded) for r in results),  # older edits of a question edited again
         "subjects_found": len(found),  # edits without a subject in the file: memoir's rule found one
         "subjects_found_first": [{"prompt": p, "subject": s} for p, s in found[:5]],
     }

@@ -66,6 +66,7 @@ class EditResult:
     seconds: float = 0.0
     mask_idx: torch.Tensor | None = None  # [k]
     subject: tuple[str, ...] = ()  # the aliases the edit was recorded with (set by Memoir.edit)
+    superseded: list[int] = field(default_factory=list)  # older edits of the same question it retired
 
     @property
     def steps(self) -> int:

@@ -7,7 +7,9 @@ The one routing rule lives here, for every caller (the transformers layer, the v
     rule "mask" (the paper's):
         pooled prompt -> feature() -> decide(): TopHash mask -> best active match -> routed iff ratio >= tau
     rule "subject" (the default for new memories):
-        request text -> candidates(): the edits whose subject the text names (subjects.SubjectGate)
+        request text -> candidates(): the edits whose subject the text names (subjects.SubjectGate) and, with
+        the encoder check, whose question it asks (cosine of the request's and the edit prompt's sentence
+        vectors, the subject masked in both, >= check_tau; best cosine first)
         pooled prompt -> feature() -> decide(candidates): TopHash mask -> best active candidate (ties: the
         newest) -> routed iff ratio >= subject_tau; no candidate, no memory term
     memory_term(acts, decision masks, shards)
@@ -74,6 +76,8 @@ class ResidualMemory(nn.Module):
         dtype: torch.dtype = torch.float32,
         rule: str = "mask",
         subject_tau: float = 0.3,
+        subject_check: str = "none",
+        check_tau: float = 0.7,
     ) -> None:
         super().__init__()
         if k > d_inner:
@@ -88,7 +92,10 @@ class ResidualMemory(nn.Module):
         self.register_buffer("perm", make_permutation(d_inner, seed))  # [D]
         self.register_buffer("background", torch.zeros(d_inner))  # [D]
         self.index = MaskIndex(d_inner, k)
+        if subject_check not in ("encoder", "none"):
+            raise ValueError(f"subject_check {subject_check!r}: use 'encoder' or 'none'")
         self.rule, self.subject_tau = rule, subject_tau
+        self.subject_check, self.check_tau = subject_check, check_tau
         self.subjects = SubjectGate()  # row i: the aliases of edit i (kept in step by state.MemoryState)
 
     @property
@@ -120,13 +127,57 @@ class ResidualMemory(nn.Module):
         MAX_CANDIDATES); a text with more candidates keeps the newest."""
         if self.rule != "subject":
             return None
-        rows = [self.subjects.rows_in(t) for t in texts]
+        rows = [[r for r, _ in scored] for scored in self.candidate_scores(texts)]
         c = width if width is not None else min(max([len(r) for r in rows] + [1]), MAX_CANDIDATES)
         out = torch.full((len(texts), c), NO_EDIT, dtype=torch.int64)
         for i, r in enumerate(rows):
             r = r[:c]
             out[i, : len(r)] = torch.tensor(r, dtype=torch.int64)
         return out.to(self.perm.device)
+
+    def candidate_scores(self, texts: list[str], min_cos: float | None = None) -> list[list[tuple[int, float | None]]]:
+        """Per text, the (row, cosine) of its candidates in decision order: the active rows whose subject it
+        names, newest first; with the encoder check only those with cosine >= min_cos (default check_tau), best cosine
+        first (cosine None without the check)."""
+        min_cos = self.check_tau if min_cos is None else min_cos
+        gate = self.subjects
+        rows = [self._active(gate.rows_in(t)) for t in texts]
+        if self.subject_check != "encoder":
+            return [[(r, None) for r in rs] for rs in rows]
+        from .encoder import sentence_encoder
+        from .subjects import mask_subject
+
+        self.fill_vectors()
+        # one masked text per (text, candidate subject): usually one per text
+        masked = [{mask_subject(t, gate.aliases[r]) for r in rs} for t, rs in zip(texts, rows)]
+        flat = sorted({m for ms in masked for m in ms})
+        vec = dict(zip(flat, sentence_encoder()(flat))) if flat else {}
+        out = []
+        for t, rs in zip(texts, rows):
+            scored = [(r, float(gate.vectors[r] @ vec[mask_subject(t, gate.aliases[r])])) for r in rs]
+            kept = [(r, round(c, 4)) for r, c in scored if c >= min_cos]
+            out.append(sorted(kept, key=lambda rc: -rc[1]))  # stable: equal cosines stay newest first
+        return out
+
+    def _active(self, rows: list[int]) -> list[int]:
+        """The rows of active edits (disabled and superseded edits are no candidates)."""
+        if not rows:
+            return rows
+        keep = self.index.active[torch.tensor(rows, device=self.index.active.device)].tolist()
+        return [r for r, k in zip(rows, keep) if k]
+
+    def fill_vectors(self) -> None:
+        """Compute the question vectors the encoder check lacks (new edits, changed subjects), in one batch."""
+        gate = self.subjects
+        todo = [i for i, v in enumerate(gate.vectors) if v is None]
+        if not todo:
+            return
+        from .encoder import sentence_encoder
+        from .subjects import mask_subject
+
+        vecs = sentence_encoder()([mask_subject(gate.prompts[i], gate.aliases[i]) for i in todo])
+        for i, v in zip(todo, vecs):
+            gate.vectors[i] = v
 
     def decide(self, feature: torch.Tensor, candidates: torch.Tensor | None = None) -> Decision:
         """Route features [B, D]: TopHash, best active stored mask (among `candidates` [B, C] rows when given,
@@ -213,7 +264,8 @@ class ResidualMemory(nn.Module):
         """A zero memory with this one's settings, permutation and background, and no edits."""
         fresh = ResidualMemory(self.d_model, self.d_inner, self.k, self.tau, self.seed, self.feature,
                                n_shards=self.n_shards if n_shards is None else n_shards, dtype=self.weight.dtype,
-                               rule=self.rule, subject_tau=self.subject_tau)
+                               rule=self.rule, subject_tau=self.subject_tau, subject_check=self.subject_check,
+                               check_tau=self.check_tau)
         fresh.background.copy_(self.background)
         return fresh.to(self.perm.device)
 
@@ -222,4 +274,5 @@ def empty_memory(d_model: int, d_inner: int, cfg, n_shards: int = 1,
                  dtype: torch.dtype = torch.float32) -> ResidualMemory:
     """A fresh, zero memory for a resolved MemoirConfig (layer and k set); the one constructor callers use."""
     return ResidualMemory(d_model, d_inner, cfg.k, cfg.tau, cfg.seed, cfg.feature, n_shards=n_shards, dtype=dtype,
-                          rule=cfg.routing, subject_tau=cfg.subject_tau)
+                          rule=cfg.routing, subject_tau=cfg.subject_tau, subject_check=cfg.subject_check,
+                          check_tau=cfg.check_tau)

@@ -15,6 +15,7 @@ from importlib import resources
 from pathlib import Path
 from typing import Callable, Iterable, Sequence
 
+import torch
 from tqdm.auto import tqdm
 
 from .config import MemoirConfig, default_config
@@ -26,7 +27,7 @@ from .memory import ResidualMemory, empty_memory
 from .models import load_model, model_identity, resolve_model_dir
 from .snapshot import Snapshot, check_model, load_snapshot, save_snapshot
 from .state import EditRecord, MemoryState
-from .subjects import as_aliases, auto_subject
+from .subjects import as_aliases, auto_subject, normalize
 
 log = logging.getLogger(__name__)
 
@@ -45,11 +46,15 @@ class Answer:
     answer: str
     base_answer: str
     edit_id: int | None  # the edit the prompt was routed to, None for the base model
-    overlap: float  # best overlap ratio |M_q & M_i| / k over the active edits
+    overlap: float  # best overlap ratio |M_q & M_i| / k over the candidates (every active edit: mask rule)
+    candidates: list[dict] | None = None  # subject rule: why it routed (edit_id, subject, cosine, overlap)
 
     def to_dict(self) -> dict:
-        return dict(prompt=self.prompt, answer=self.answer, base_answer=self.base_answer, edit_id=self.edit_id,
-                    overlap=round(self.overlap, 4))
+        d = dict(prompt=self.prompt, answer=self.answer, base_answer=self.base_answer, edit_id=self.edit_id,
+                 overlap=round(self.overlap, 4))
+        if self.candidates is not None:
+            d["candidates"] = self.candidates
+        return d
 
 
 class Memoir:
@@ -129,11 +134,27 @@ class Memoir:
         the subject.
         """
         aliases = as_aliases(subject) or (auto_subject(prompt),)
+        same = self.same_question(prompt) if self.cfg.supersede else []
         result = self.editor.edit(prompt, target, edit_id=edit_id)
         result.subject = aliases
         self.state.record(EditRecord(prompt, target, source, subject=aliases))
-        log.debug("edit %d: subject %s", result.edit_id, aliases)
+        for old in same:
+            self.state.supersede(old, result.edit_id)
+        result.superseded = same
+        log.debug("edit %d: subject %s, supersedes %s", result.edit_id, aliases, same)
         return result
+
+    def same_question(self, prompt: str) -> list[int]:
+        """Ids of the active edits that ask the question `prompt` asks: a subject it names and, by the encoder
+        check, cosine >= supersede_tau (what a new edit of `prompt` supersedes). Needs the subject rule with
+        the encoder check; otherwise only edits of the identical prompt (case and spacing aside)."""
+        mem = self.memory
+        if mem.rule == "subject" and mem.subject_check == "encoder":
+            rows = [r for r, _ in mem.candidate_scores([prompt], min_cos=self.cfg.supersede_tau)[0]]
+        else:
+            key = normalize(prompt)
+            rows = [i for i, e in enumerate(self.edits) if normalize(e.prompt) == key]
+        return sorted(int(mem.index.edit_ids[r]) for r in rows if bool(mem.index.active[r]))
 
     def set_subject(self, edit_id: int, subject: str | Sequence[str]) -> None:
         """Change what an edit is about without re-editing (its aliases for the subject rule)."""
@@ -152,6 +173,8 @@ class Memoir:
             res = self.edit(req.prompt, req.target, req.source, subject=req.subject or None)
             results.append(res)
             bar.set_postfix(loss=f"{res.losses[-1]:.3f}", steps=res.steps)
+            if res.superseded:
+                log.info("edit %d (%r) supersedes %s", res.edit_id, req.prompt[:60], res.superseded)
             if after_each:
                 after_each(i, res)
         dt = time.perf_counter() - t0
@@ -159,8 +182,8 @@ class Memoir:
         return results
 
     def set_active(self, edit_id: int, active: bool) -> None:
-        """Disable (or re-enable) one edit: a disabled edit is never routed to."""
-        self.memory.index.set_active(edit_id, active)
+        """Disable (or re-enable, which also undoes a supersede) one edit: a disabled edit is never routed to."""
+        self.state.set_active(edit_id, active)
 
     def set_tau(self, tau: float) -> None:
         """Set the routing threshold of the memory's rule (subject_tau under the subject rule, else tau)."""
@@ -178,11 +201,26 @@ class Memoir:
         answers, routing = generate(self.model, self.tok, self.layer, prompts, max_new_tokens, use_memory=True)
         base, _ = generate(self.model, self.tok, self.layer, prompts, max_new_tokens, use_memory=False)
         out = []
+        why = self.why(prompts, routing.mask_idx) if routing is not None and self.memory.rule == "subject" else None
         for i, p in enumerate(prompts):
             row = int(routing.row[i]) if routing is not None else -1
             edit_id = int(self.memory.index.edit_ids[row]) if row >= 0 else None
             overlap = float(routing.ratio[i]) if routing is not None else 0.0
-            out.append(Answer(p, answers[i], base[i], edit_id, overlap))
+            out.append(Answer(p, answers[i], base[i], edit_id, overlap, why[i] if why else None))
+        return out
+
+    def why(self, prompts: list[str], mask_idx) -> list[list[dict]]:
+        """Per prompt, its subject-rule candidates in decision order: edit id, subject, encoder cosine (None
+        without the check) and mask overlap / k; the first with overlap >= subject_tau is the one routed to."""
+        from .tophash import indices_to_mask
+
+        mem, out = self.memory, []
+        q = indices_to_mask(mask_idx, mem.d_inner)  # [B, D]
+        for i, scored in enumerate(mem.candidate_scores(prompts)):
+            rows = [r for r, _ in scored]
+            ov = (mem.index.masks(torch.tensor(rows, dtype=torch.int64)) & q[i]).sum(1).tolist() if rows else []
+            out.append([dict(edit_id=int(mem.index.edit_ids[r]), subject=list(mem.subjects.aliases[r]), cosine=c,
+                             overlap=round(o / mem.k, 4)) for (r, c), o in zip(scored, ov)])
         return out
 
     # -- saving ---------------------------------------------------------------------------------

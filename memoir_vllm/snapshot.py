@@ -141,7 +141,8 @@ def save_snapshot(root: str | Path, state: MemoryState, keep: int = 3, extra: di
             "seed": memory.seed,
             "tau": memory.tau,
             "feature": memory.feature,
-            "routing": {"rule": memory.rule, "subject_tau": memory.subject_tau},
+            "routing": {"rule": memory.rule, "subject_tau": memory.subject_tau, "subject_check": memory.subject_check,
+                        "check_tau": memory.check_tau},
             "n_shards": memory.n_shards,
             "n_edits": memory.n_edits,
             "n_active": memory.index.n_active,
@@ -162,6 +163,9 @@ def _write_files(d: Path, memory: ResidualMemory, edits: list[EditRecord], confi
         "perm": memory.perm.cpu().contiguous(),
         "background": memory.background.cpu().contiguous(),
     }
+    if memory.rule == "subject" and memory.subject_check == "encoder" and len(memory.subjects):
+        memory.fill_vectors()  # the encoder check's per-edit question vectors [N, 384], so loading needs none
+        tensors["question_vectors"] = torch.stack([v.cpu().float() for v in memory.subjects.vectors]).contiguous()
     meta = {"layer": str(config.layer), "model": json.dumps(model_id), "k": str(memory.k), "seed": str(memory.seed)}
     save_file(tensors, str(d / WEIGHTS), metadata=meta)
     idx = memory.index
@@ -177,6 +181,7 @@ def _write_files(d: Path, memory: ResidualMemory, edits: list[EditRecord], confi
             "created": pa.array([e.created for e in edits], pa.string()),
             "source": pa.array([e.source for e in edits], pa.string()),
             "subject": pa.array([list(e.subject) for e in edits], pa.list_(pa.string())),
+            "superseded_by": pa.array([e.superseded_by for e in edits], pa.int64()),
             "active": pa.array(idx.active.tolist(), pa.bool_()),
         }
     )
@@ -216,7 +221,8 @@ def load_snapshot(path: str | Path, verify: bool = True) -> Snapshot:
     memory = ResidualMemory(
         manifest["d_model"], manifest["d_inner"], manifest["k"], manifest["tau"], manifest["seed"],
         manifest["feature"], n_shards=manifest["n_shards"], dtype=tensors["weight"].dtype,
-        rule=config.routing, subject_tau=config.subject_tau,
+        rule=config.routing, subject_tau=config.subject_tau, subject_check=config.subject_check,
+        check_tau=config.check_tau,
     )
     with torch.no_grad():
         memory.weight.copy_(tensors["weight"])
@@ -230,8 +236,11 @@ def load_snapshot(path: str | Path, verify: bool = True) -> Snapshot:
         masks = indices_to_mask(torch.tensor([r["mask"] for r in table], dtype=torch.int64), manifest["d_inner"])
         memory.index.add(masks, torch.tensor([r["edit_id"] for r in table]), torch.tensor([r["shard"] for r in table]))
         memory.index.active.copy_(torch.tensor([r["active"] for r in table]))
-    edits = [EditRecord(r["prompt"], r["target"], r["source"], r["created"], tuple(r.get("subject") or ()))
-             for r in table]
+    edits = [EditRecord(r["prompt"], r["target"], r["source"], r["created"], tuple(r.get("subject") or ()),
+                        r.get("superseded_by")) for r in table]
+    vectors = tensors.get("question_vectors")
+    for i, e in enumerate(edits):
+        memory.subjects.add(e.subject, e.prompt, vectors[i] if vectors is not None else None)
     state = MemoryState(memory, edits, config, manifest["templates"],
                         manifest["model"], manifest["module"])
     return Snapshot(d, manifest, state)

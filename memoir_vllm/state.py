@@ -27,6 +27,7 @@ class EditRecord:
     source: str = ""
     created: str = field(default_factory=lambda: datetime.now(timezone.utc).isoformat(timespec="seconds"))
     subject: tuple[str, ...] = ()  # the aliases requests name it by (subjects.py); () routes nowhere by subject
+    superseded_by: int | None = None  # the newer edit of the same question that retired it from routing
 
 
 @dataclass
@@ -52,7 +53,7 @@ class MemoryState:
         gate = self.memory.subjects
         if len(gate) == 0:
             for e in self.edits:
-                gate.add(e.subject)
+                gate.add(e.subject, e.prompt)
         self.check()
 
     def check(self) -> None:
@@ -64,11 +65,23 @@ class MemoryState:
     def record(self, edit: EditRecord) -> None:
         """Add the record of the edit whose mask was just stored in the memory's index."""
         self.edits.append(edit)
-        self.memory.subjects.add(edit.subject)
+        self.memory.subjects.add(edit.subject, edit.prompt)
         self.check()
 
     def row_of(self, edit_id: int) -> int:
         return self.memory.index.row_of(edit_id)
+
+    def set_active(self, edit_id: int, active: bool) -> None:
+        """Disable an edit, or enable it again (which also undoes a supersede)."""
+        row = self.row_of(edit_id)
+        self.memory.index.set_active(edit_id, active)
+        if active:
+            self.edits[row].superseded_by = None
+
+    def supersede(self, edit_id: int, by: int) -> None:
+        """Retire edit_id from routing: edit `by` asks the same question (newest correction wins)."""
+        self.memory.index.set_active(edit_id, False)
+        self.edits[self.row_of(edit_id)].superseded_by = by
 
     def set_subject(self, edit_id: int, aliases: tuple[str, ...]) -> None:
         """Change what an edit is about without re-editing: its record and its gate entry."""

@@ -19,7 +19,7 @@ from __future__ import annotations
 import re
 import unicodedata
 from functools import lru_cache
-from typing import Iterable, Sequence
+from typing import Any, Iterable, Sequence
 
 import ahocorasick
 
@@ -140,30 +140,47 @@ def as_aliases(subject: str | Sequence[str] | None) -> tuple[str, ...]:
     return tuple(out)
 
 
+def mask_subject(text: str, aliases: Sequence[str], placeholder: str = "X") -> str:
+    """text with every whole-word occurrence of an alias (any case, any spacing) replaced by `placeholder`:
+    what the second stage compares, so that two questions about one subject differ only in what they ask."""
+    for a in sorted(aliases, key=len, reverse=True):
+        words = a.split()
+        if words:
+            pattern = r"(?<!\w)" + r"\s+".join(re.escape(w) for w in words) + r"(?!\w)"
+            text = re.sub(pattern, placeholder, text, flags=re.IGNORECASE)
+    return text
+
+
 def _boundary(text: str, start: int, end: int) -> bool:
     """text[start:end] is a whole word run: no letter or digit right before or right after it."""
     return (start == 0 or not text[start - 1].isalnum()) and (end == len(text) or not text[end].isalnum())
 
 
 class SubjectGate:
-    """The aliases of every edit (row i = index row i) and an automaton that finds them in a text."""
+    """The aliases of every edit (row i = index row i), an automaton that finds them in a text, and, for the
+    encoder check, each edit's question vector (encoder.py; None where not computed)."""
 
     def __init__(self) -> None:
         self.aliases: list[tuple[str, ...]] = []  # row -> aliases as given
+        self.prompts: list[str] = []  # row -> the edit's prompt (what its question vector is computed from)
+        self.vectors: list[Any] = []  # row -> [384] unit vector of the prompt, subject masked; None: not yet
         self._automaton: ahocorasick.Automaton | None = None
 
     def __len__(self) -> int:
         return len(self.aliases)
 
-    def add(self, aliases: Iterable[str]) -> int:
-        """Append the next row's aliases; returns its row."""
+    def add(self, aliases: Iterable[str], prompt: str = "", vector: Any = None) -> int:
+        """Append the next row's aliases and edit prompt (and its question vector); returns its row."""
         self.aliases.append(tuple(aliases))
+        self.prompts.append(prompt)
+        self.vectors.append(vector)
         self._automaton = None
         return len(self.aliases) - 1
 
     def set(self, row: int, aliases: Iterable[str]) -> None:
-        """Change one row's aliases (an edit's subject edited in place)."""
+        """Change one row's aliases (an edit's subject edited in place); its question vector is recomputed."""
         self.aliases[row] = tuple(aliases)
+        self.vectors[row] = None
         self._automaton = None
 
     def _built(self) -> ahocorasick.Automaton:

@@ -42,7 +42,9 @@ def test_the_table_covers_the_required_families():
 
 @pytest.mark.parametrize("kind", sorted(TINY))
 def test_attach_edit_and_route(kind, tokenizer_dir, tmp_path):
-    m = Memoir.create(make_model(kind, tokenizer_dir, tmp_path / kind), n_iter=3, stop_loss=-1.0, lr=1.0)
+    # the editor is driven directly below (no edit records, so no subjects): route by the paper's mask rule
+    m = Memoir.create(make_model(kind, tokenizer_dir, tmp_path / kind), n_iter=3, stop_loss=-1.0, lr=1.0,
+                      routing="mask")
     spec = ARCHITECTURES[kind]
     assert isinstance(get_module(m.model, f"{spec.layers}.{m.cfg.layer}.{spec.down_proj}"), MemoirLayer)
     prompts, targets = ["The color of the sky is", "Paris is the capital of"], ["green", "France"]

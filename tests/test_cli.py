@@ -31,11 +31,14 @@ def test_edit_ask_info_disable(default_model_dir, tmp_path, capsys):
     assert main(["edit", "--edits", str(edits), "--out", str(out), "--threads", "2"]) == 0
     summary = json.loads(capsys.readouterr().out)
     assert summary["edits_total"] == 2 and summary["edits_this_run"] == 2
+    assert summary["subjects_found"] == 2 and summary["subjects_found_first"][1]["subject"] == ["Harry Potter"]
     assert main(["ask", "--snapshot", str(out), "--json", "The Eiffel Tower is located in the city of",
                  "The capital of Japan is"]) == 0
     lines = [json.loads(x) for x in capsys.readouterr().out.splitlines()]
-    assert set(lines[0]) == {"prompt", "answer", "base_answer", "edit_id", "overlap"}
+    assert set(lines[0]) == {"prompt", "answer", "base_answer", "edit_id", "overlap", "candidates"}
     assert lines[0]["answer"].strip().startswith("Rome") and lines[0]["edit_id"] == 0
+    assert [(c["edit_id"], c["subject"], c["cosine"]) for c in lines[0]["candidates"]] == [(0, ["Eiffel Tower"], 1.0)]
+    assert lines[1]["candidates"] == []  # names no edited subject: the base model, for a reason
     assert lines[1]["edit_id"] is None and lines[1]["answer"] == lines[1]["base_answer"]
     assert main(["snapshot", "disable", str(out), "0"]) == 0
     capsys.readouterr()

@@ -179,8 +179,10 @@ def test_lm_eval_pack_agrees_with_memoir_eval(evaluator, tmp_path, monkeypatch):
 
     monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    from memoir_vllm.session import Memoir
+
     records = load_records("zsre", limit=2)
-    m = evaluator.fresh()
+    m = Memoir.create("default", n_iter=3, routing="mask")  # tau 0 routes every prompt only under the mask rule
     for r in records:
         m.edit(r.prompt, r.target)
     snap = m.save(tmp_path / "snap")

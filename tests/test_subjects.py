@@ -129,11 +129,15 @@ def test_subjects_are_stored_and_route_after_loading(subject_store):
     m, path = subject_store
     assert pq.read_table(path / "edits.parquet").to_pydict()["subject"] == [["Norway"], ["Lionel Messi", "Messi"]]
     manifest = read_manifest(path)
-    assert manifest["format_version"] == 2 and manifest["routing"] == {"rule": "subject", "subject_tau": 0.3}
+    assert manifest["format_version"] == 2 and manifest["routing"] == {
+        "rule": "subject", "subject_tau": 0.3, "subject_check": "encoder", "check_tau": 0.7}
     mem = load_snapshot(path).memory
     assert mem.rule == "subject"
-    assert mem.candidates(["Where does Lionel Messi play?", "The capital of Norway's neighbour Sweden is",
-                           "The capital of Portugal is"]).tolist() == [[1], [0], [-1]]
+    asked = ["Where does Lionel Messi play?", "Which city is the capital of Norway?", "The capital of Portugal is",
+             "The official language of Norway is"]
+    assert mem.candidates(asked).tolist() == [[1], [0], [-1], [-1]]  # Portugal: no subject; language: no question
+    scores = mem.candidate_scores(asked)
+    assert [len(s) for s in scores] == [1, 1, 0, 0] and all(c >= mem.check_tau for s in scores for _, c in s)
 
 
 @pytest.mark.model
@@ -149,7 +153,8 @@ def test_snapshot_subject_command_changes_an_edit_in_place(subject_store, tmp_pa
     assert main(["snapshot", "subject", str(store), "0", "Kingdom of Norway", "Norge"]) == 0
     snap = load_snapshot(store)
     assert snap.version == 2 and snap.edits[0].subject == ("Kingdom of Norway", "Norge")
-    assert snap.memory.candidates(["Norge", "Norway"]).tolist() == [[0], [-1]]
+    assert snap.memory.subjects.rows_in("the kingdom of norway") == snap.memory.subjects.rows_in("Norge?") == [0]
+    assert snap.memory.candidates(["The capital of Norway is"]).tolist() == [[-1]]  # the old subject is gone
 
 @pytest.mark.model
 def test_snapshot_subject_command_names_a_missing_edit(subject_store, capsys):
@@ -186,3 +191,37 @@ def test_a_format_1_snapshot_loads_and_routes_by_masks_as_before(subject_store, 
     assert snap.memory.candidates(["anything"]) is None
     q = snap.memory.index.masks(torch.tensor([1]))[0].nonzero().flatten().view(1, -1)  # edit 1's own mask
     assert snap.memory.decide_masks(q).row.tolist() == [1]  # the paper's rule, no text needed
+
+
+# -- newest correction wins ---------------------------------------------------------------------------
+
+
+@pytest.mark.model
+def test_a_new_edit_of_the_same_question_supersedes_the_older_one_and_undo_restores_it(tiny_model_dir, tmp_path):
+    from memoir_vllm.cli import main
+    from memoir_vllm.session import Memoir
+    from memoir_vllm.snapshot import load_snapshot
+
+    m = Memoir.create(tiny_model_dir, n_iter=1)
+    first = m.edit("The Eiffel Tower is located in the city of", "Rome")
+    second = m.edit("Where is the Eiffel Tower? It is in the city of", "Berlin")  # same question, rephrased
+    other = m.edit("Who designed the Eiffel Tower?", "Gustave Klimt")  # same subject, another question
+    third = m.edit("The Eiffel Tower is located in the city of", "Madrid")
+    assert (first.superseded, second.superseded, other.superseded) == ([], [0], [])
+    assert third.superseded == [1]  # edit 0 is already retired
+    assert m.memory.index.active.tolist() == [False, False, True, True]
+    assert [e.superseded_by for e in m.edits] == [1, 3, None, None]
+    rows = m.memory.candidates(["Where is the Eiffel Tower? It is in the city of", "Who designed the Eiffel Tower?"])
+    assert rows[0, 0].item() == 3 and rows[1, 0].item() == 2
+    why = m.ask(["Where is the Eiffel Tower? It is in the city of", "Where is Big Ben?"], max_new_tokens=1)
+    assert [c["edit_id"] for c in why[0].candidates] == [3] and why[0].candidates[0]["subject"] == ["Eiffel Tower"]
+    assert why[0].candidates[0]["cosine"] >= m.memory.check_tau and why[1].candidates == []
+    assert why[0].edit_id == (3 if why[0].candidates[0]["overlap"] >= m.memory.subject_tau else None)
+    store = m.save(tmp_path / "store")
+    assert [e.superseded_by for e in load_snapshot(store).edits] == [1, 3, None, None]
+    assert main(["snapshot", "disable", "--enable", str(tmp_path / "store"), "1"]) == 0  # undo
+    snap = load_snapshot(tmp_path / "store")
+    assert snap.memory.index.active.tolist() == [False, True, True, True] and snap.edits[1].superseded_by is None
+    keep = Memoir.create(tiny_model_dir, n_iter=1, supersede=False)
+    keep.edit("The Eiffel Tower is located in the city of", "Rome")
+    assert keep.edit("The Eiffel Tower is located in the city of", "Madrid").superseded == []

@@ -204,10 +204,15 @@ def test_runtime_updates_through_collective_rpc(served, inproc):
     assert [_strip(t, eos) for t in inproc[18]] == [_strip(t, eos) for t in inproc[1]]  # the reloaded snapshot
 
 
+EIFFEL = ["The Eiffel Tower is located in the city of", "Where is the Eiffel Tower? It is in the city of"]
+
+
 def test_engine_without_snapshot_is_the_base_model_then_serves_a_last_token_snapshot(served, default_model_dir,
                                                                                       tmp_path):
     """The plugin is installed (entry point) but no snapshot is named: vLLM's own tokens. Then a
-    feature="last" snapshot is attached at runtime: routed on the prompt's last token, as `memoir ask` does."""
+    feature="last" snapshot is attached at runtime: routed on the prompt's last token, as `memoir ask` does.
+    Then newest correction wins: Rome, Berlin (rephrased), Madrid (first phrasing again): every phrasing
+    routes to the Madrid edit, in both paths."""
     from memoir_vllm.session import Memoir
 
     _, m = served
@@ -215,9 +220,16 @@ def test_engine_without_snapshot_is_the_base_model_then_serves_a_last_token_snap
     for p, t in EDITS:
         last.edit(p, t)
     snap = last.save(tmp_path / "last")
+    newest = Memoir.create("default")
+    results = [newest.edit(p, t) for p, t in zip(EIFFEL + EIFFEL[:1], ["Rome", "Berlin", "Madrid"])]
+    assert [r.superseded for r in results] == [[], [0], [1]]
+    assert [a.edit_id for a in newest.ask(EIFFEL, 1)] == [2, 2]
+    snap_newest = newest.save(tmp_path / "newest")
     steps = [{"op": "generate", "prompts": PROMPTS, "max_tokens": MAX_TOKENS},
              {"op": "rpc", "method": "memoir_load_snapshot", "args": [str(snap)]},
-             {"op": "generate", "prompts": PROMPTS, "max_tokens": MAX_TOKENS}]
+             {"op": "generate", "prompts": PROMPTS, "max_tokens": MAX_TOKENS},
+             {"op": "rpc", "method": "memoir_load_snapshot", "args": [str(snap_newest)]},
+             {"op": "generate", "prompts": EIFFEL, "max_tokens": [6, 6]}]
     kw = engine_kwargs(default_model_dir, max_num_seqs=3,
                        worker_extension_cls="memoir_vllm.vllm.plugin.MemoirWorkerExtension")
     res = run_engine(tmp_path, kw, steps, env={"VLLM_ENABLE_V1_MULTIPROCESSING": "0"})
@@ -228,6 +240,9 @@ def test_engine_without_snapshot_is_the_base_model_then_serves_a_last_token_snap
     served_last = [_strip(t, eos) for t in res[3]]
     assert served_last == hf_tokens(last, PROMPTS, MAX_TOKENS)
     assert served_last[:3] != base[:3]  # the edited prompts did reach their edits
+    served_newest = [_strip(t, eos) for t in res[5]]
+    assert served_newest == hf_tokens(newest, EIFFEL, [6, 6])
+    assert m.tok.decode(served_newest[0]).strip().startswith("Madrid")
 
 
 def test_preemption_keeps_each_requests_routing(served, default_model_dir, tmp_path):

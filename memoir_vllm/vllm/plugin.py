@@ -181,6 +181,11 @@ def attach_snapshot(runner: Any, path: str) -> None:
                            "supported (use tensor_parallel_size=1)")
     dtype, device = shim.runner_dtype_device(runner)
     memory = attachment.for_serving(snap.memory, device, dtype)
+    if memory.rule == "subject" and memory.subject_check == "encoder":
+        from ..encoder import sentence_encoder
+
+        sentence_encoder()  # loaded once per worker now, not at the first request that names a subject
+        memory.fill_vectors()
     router = Router(memory, *shim.runner_limits(runner), dtype, device,
                     text_of=shim.detokenizer(runner) if memory.rule == "subject" else None)
     wrapped = MemoirDownProj(base, module_path)

@@ -157,7 +157,12 @@ class Router:
         """A new request: find its subject candidates once, from its prompt text (host side, before its slot)."""
         if self.memory.rule == "subject":
             text = self.text_of(prompt_ids) if self.text_of is not None else ""
-            self.cands[rid] = self.memory.subjects.rows_in(text)[:MAX_CANDIDATES]
+            scored = self.memory.candidate_scores([text])[0][:MAX_CANDIDATES]  # the one rule (memory.py)
+            self.cands[rid] = [r for r, _ in scored]
+            if scored:  # why it will route where it does (the decision adds the mask overlap)
+                ids = self.memory.index.edit_ids
+                log.info("memoir: request %s candidates (edit id, cosine): %s", rid,
+                         [(int(ids[r]), c) for r, c in scored])
 
     def _remember(self, key: bytes, row: int) -> None:
         self.decisions[key] = row
@@ -201,6 +206,7 @@ class Router:
                 self.acc[st.slot].zero_()
                 continue
             st.pending_readback, st.decided, st.row = False, True, int(row)
+            log.debug("memoir: decided row %d for slot %d", int(row), st.slot)
             self._remember(st.key, int(row))
             self.counts["decided"] += 1
             self.counts["routed"] += int(row >= 0)
