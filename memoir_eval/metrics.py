@@ -52,6 +52,19 @@ def exact_match(generated: str, target: str) -> float:
     return float(normalize_answer(first_line).split()[: len(gold)] == gold)
 
 
+def answer_match(generated: str, target: str) -> float:
+    """1.0 when the whole greedy answer (its first line, normalised; a final period is punctuation) is the
+    target: the answer stopped after it instead of going on."""
+    return float(normalize_answer(generated.strip().split("\n")[0]) == normalize_answer(target))
+
+
+def repeats(generated: str, n: int = 3) -> float:
+    """1.0 when the answer repeats a word n-gram ("gold gold gold gold" repeats "gold gold gold")."""
+    words = re.findall(r"\w+", generated.lower())
+    grams = [tuple(words[i: i + n]) for i in range(len(words) - n + 1)]
+    return float(len(grams) != len(set(grams)))
+
+
 def mean_stderr(values: Sequence[float]) -> tuple[float, float]:
     """Mean and standard error of the mean (0 for fewer than two values)."""
     n = len(values)

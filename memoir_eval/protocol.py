@@ -28,13 +28,14 @@ from memoir_vllm.session import Memoir
 from memoir_vllm.snapshot import latest_version, load_snapshot
 
 from .data import EvalRecord
-from .metrics import exact_match, locality, mean_stderr
+from .metrics import answer_match, exact_match, locality, mean_stderr, repeats
 from .scoring import generate_rows, score_rows, target_lengths
 
 log = logging.getLogger(__name__)
 
 STREAM = 1000  # the standard lifelong-editing stream: the first 1000 records
 GEN_EXTRA_TOKENS = 2  # greedy answers get the target's token count plus this many
+ANSWER_TOKENS = 24  # ... and edit prompts at least this many, for whole-answer match and repetition
 
 
 @dataclass
@@ -152,10 +153,11 @@ class Evaluator:
         and whether the loc prompt's continuation is unchanged from the unedited model's."""
         bs = self.batch_size
         n = target_lengths(m.tok, [r.prompt for r in recs], [r.target for r in recs])
-        texts, _ = generate_rows(m, [r.prompt for r in recs], [x + GEN_EXTRA_TOKENS for x in n], batch_size=bs,
-                                 desc="eval: edit prompts, greedy")
-        for j, t in enumerate(texts):
-            out[j].update(rel_em=exact_match(t, recs[j].target), pre_rel_em=pre.rel_em.get(positions[j]), rel_text=t)
+        texts, _ = generate_rows(m, [r.prompt for r in recs], [max(x + GEN_EXTRA_TOKENS, ANSWER_TOKENS) for x in n],
+                                 batch_size=bs, desc="eval: edit prompts, greedy")
+        for j, t in enumerate(texts):  # greedy: the first target+2 tokens are what a shorter answer held
+            out[j].update(rel_em=exact_match(t, recs[j].target), rel_answer=answer_match(t, recs[j].target),
+                          rel_repeats=repeats(t), pre_rel_em=pre.rel_em.get(positions[j]), rel_text=t)
         if para:
             texts, _ = generate_rows(m, [recs[j].rephrase for j in para], [n[j] + GEN_EXTRA_TOKENS for j in para],
                                      batch_size=bs, desc="eval: paraphrases, greedy")
@@ -238,7 +240,8 @@ def _save_state(m: Memoir, stats: list[dict[str, float]], state: Path) -> None:
 
 # -- aggregation ----------------------------------------------------------------------------------
 
-METRICS = ("rel", "gen", "loc", "rel_ppl", "rel_em", "gen_em", "loc_em", "pre_rel", "pre_gen", "pre_rel_ppl",
+METRICS = ("rel", "gen", "loc", "rel_ppl", "rel_em", "gen_em", "loc_em", "rel_answer", "rel_repeats", "pre_rel",
+           "pre_gen", "pre_rel_ppl",
            "pre_rel_em", "edit_routed_right", "para_routed_right", "para_best_is_own", "loc_routed")
 
 

@@ -10,7 +10,8 @@ from memoir_vllm.atomic import write_json_atomic
 COLUMNS = (
     ("Rel", "rel", "mean"), ("Gen", "gen", "mean"), ("Loc", "loc", "mean"), ("PPL", "rel_ppl", "mean"),
     ("PPL median", "rel_ppl", "median"), ("Rel EM", "rel_em", "mean"), ("Gen EM", "gen_em", "mean"),
-    ("Loc EM", "loc_em", "mean"), ("para→own", "para_routed_right", "mean"), ("loc routed", "loc_routed", "mean"),
+    ("Loc EM", "loc_em", "mean"), ("Rel answer", "rel_answer", "mean"), ("repeats", "rel_repeats", "mean"),
+    ("para→own", "para_routed_right", "mean"), ("loc routed", "loc_routed", "mean"),
     ("pre Rel", "pre_rel", "mean"), ("pre PPL", "pre_rel_ppl", "mean"), ("pre Rel EM", "pre_rel_em", "mean"),
 )
 

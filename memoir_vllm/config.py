@@ -84,6 +84,9 @@ class MemoirConfig:
                                "edit (same subject, encoder cosine >= supersede_tau) retires the older one from "
                                "routing (undo: memoir snapshot disable --enable ID); --no-supersede keeps both")
     supersede_tau: float = _setting(0.8, "encoder cosine from which two edits of one subject ask the same question")
+    answer_end: str = _setting("period_eos", "what an edit trains after its target so greedy answers stop: "
+                               "period_eos ('.' and end-of-text), eos, newline, or none (the reference: the target "
+                               "alone, answers then tend to repeat it)", ("period_eos", "eos", "newline", "none"))
     # editor (reference: fresh SGD per edit, lr 1.0, wd 1e-5 coupled to lr, clip 1.0, n_iter 30, early stop)
     optimizer: str = _setting("sgd", "editor optimizer (sgd is the reference)", ("sgd", "adam"))
     lr: float = _setting(1.0, "editor learning rate")
@@ -140,14 +143,15 @@ class MemoirConfig:
         if unknown:
             raise ValueError(f"unknown MemoirConfig keys {unknown}; known keys: {sorted(known)}")
         # stored before a setting existed: what ran then (the coupled decay, the mask-only routing)
-        return cls(**{"decay": "coupled", "routing": "mask", "subject_check": "none", "supersede": False, **d})
+        return cls(**{"decay": "coupled", "routing": "mask", "subject_check": "none", "supersede": False,
+                      "answer_end": "none", **d})
 
 
 # Named presets. "reference" is the paper's Llama-3-8B setting; per-model presets are measured
 # on that model (evidence in docs/defaults.md) and picked by `default_config(model_type, n_layers, D)`.
 PRESETS: dict[str, dict[str, Any]] = {
     "reference": dict(tau=0.4, lr=1.0, n_iter=30, optimizer="sgd", grad_clip=1.0, fast=False, weight_decay=1e-5,
-                      decay="coupled", routing="mask", supersede=False),
+                      decay="coupled", routing="mask", supersede=False, answer_end="none"),
     "llama3-8b": dict(layer=27, k=4096, tau=0.4, lr=1.0, n_iter=30),
     "gptj-6b": dict(layer=21, k=4096, tau=0.4, lr=1.0, n_iter=70),
     # SmolLM2-135M (30 blocks, D=1536), measured: see docs/defaults.md

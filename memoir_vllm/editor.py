@@ -133,7 +133,8 @@ class SequentialEditor:
     def rows(self, prompt: str, target: str) -> PairBatch:
         """The plain row and one row per template: '<template> {p} {y}'."""
         prompts = [prompt] + [f"{t} {prompt}" for t in self.templates]
-        return encode_pairs(self.tok, prompts, [target] * len(prompts), self.max_length).to(self.model.device)
+        return encode_pairs(self.tok, prompts, [target] * len(prompts), self.max_length,
+                            end=self.cfg.answer_end).to(self.model.device)
 
     def edit(self, prompt: str, target: str, shard: int = 0, edit_id: int | None = None) -> EditResult:
         """Train W_m on one (prompt, target) under the prompt's TopHash mask, then store the mask.

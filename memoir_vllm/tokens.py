@@ -23,8 +23,28 @@ class PairBatch:
         return PairBatch(*(t.to(device) for t in (self.input_ids, self.attention_mask, self.prompt_mask, self.target_mask)))
 
 
-def pair_ids(tok, prompt: str, target: str) -> tuple[list[int], int]:
-    """Token ids of 'prompt target' and the prompt's length in tokens.
+ANSWER_ENDS = ("none", "eos", "period_eos", "newline")
+
+
+def answer_end_ids(tok, target: str, end: str) -> list[int]:
+    """The tokens trained after a target so greedy answers stop there (config.answer_end):
+    none (the reference), eos (the end-of-text token), period_eos ("." unless the target ends with
+    one, then end-of-text) or newline."""
+    if end == "none":
+        return []
+    if end == "newline":
+        return tok("\n", add_special_tokens=False)["input_ids"]
+    eos = [tok.eos_token_id] if tok.eos_token_id is not None else []
+    if end == "eos":
+        return eos
+    if end == "period_eos":
+        period = [] if target.rstrip().endswith(".") else tok(".", add_special_tokens=False)["input_ids"]
+        return period + eos
+    raise ValueError(f"answer_end {end!r}: use one of {ANSWER_ENDS}")
+
+
+def pair_ids(tok, prompt: str, target: str, end: str = "none") -> tuple[list[int], int]:
+    """Token ids of 'prompt target' (then the answer's end, see answer_end_ids) and the prompt's length.
 
     Uses the tokenization of the whole string when the prompt's own tokens are a prefix of it
     (the reference's behaviour); otherwise prompt tokens + ' target' tokens, so the target never
@@ -32,14 +52,17 @@ def pair_ids(tok, prompt: str, target: str) -> tuple[list[int], int]:
     """
     p = tok(prompt)["input_ids"]
     full = tok(f"{prompt} {target}")["input_ids"]
+    tail = answer_end_ids(tok, target, end)
     if full[: len(p)] == p and len(full) > len(p):
-        return full, len(p)
-    return p + tok(f" {target}", add_special_tokens=False)["input_ids"], len(p)
+        return full + tail, len(p)
+    return p + tok(f" {target}", add_special_tokens=False)["input_ids"] + tail, len(p)
 
 
-def encode_pairs(tok, prompts: list[str], targets: list[str], max_length: int | None = None) -> PairBatch:
-    """Right-padded batch of 'prompt target' rows with prompt and target masks."""
-    rows = [pair_ids(tok, p, t) for p, t in zip(prompts, targets, strict=True)]
+def encode_pairs(tok, prompts: list[str], targets: list[str], max_length: int | None = None,
+                 end: str = "none") -> PairBatch:
+    """Right-padded batch of 'prompt target' rows with prompt and target masks; `end` appends the
+    answer's end to every target (editing only: scoring reads the target alone)."""
+    rows = [pair_ids(tok, p, t, end) for p, t in zip(prompts, targets, strict=True)]
     limit = max_length or _model_max_length(tok)
     for (ids, n_prompt), p, t in zip(rows, prompts, targets):
         if len(ids) == n_prompt:
