@@ -169,7 +169,7 @@ class ResidualMemory(nn.Module):
     def fill_vectors(self) -> None:
         """Compute the question vectors the encoder check lacks (new edits, changed subjects), in one batch."""
         gate = self.subjects
-        todo = [i for i, v in enumerate(gate.vectors) if v is None]
+        todo = sorted(gate.missing)
         if not todo:
             return
         from .encoder import sentence_encoder
@@ -178,6 +178,7 @@ class ResidualMemory(nn.Module):
         vecs = sentence_encoder()([mask_subject(gate.prompts[i], gate.aliases[i]) for i in todo])
         for i, v in zip(todo, vecs):
             gate.vectors[i] = v
+        gate.missing.clear()
 
     def decide(self, feature: torch.Tensor, candidates: torch.Tensor | None = None) -> Decision:
         """Route features [B, D]: TopHash, best active stored mask (among `candidates` [B, C] rows when given,

@@ -164,6 +164,7 @@ class SubjectGate:
         self.aliases: list[tuple[str, ...]] = []  # row -> aliases as given
         self.prompts: list[str] = []  # row -> the edit's prompt (what its question vector is computed from)
         self.vectors: list[Any] = []  # row -> [384] unit vector of the prompt, subject masked; None: not yet
+        self.missing: set[int] = set()  # rows whose vector is None (so finding them never scans every row)
         self._automaton: ahocorasick.Automaton | None = None
 
     def __len__(self) -> int:
@@ -174,6 +175,8 @@ class SubjectGate:
         self.aliases.append(tuple(aliases))
         self.prompts.append(prompt)
         self.vectors.append(vector)
+        if vector is None:
+            self.missing.add(len(self.vectors) - 1)
         self._automaton = None
         return len(self.aliases) - 1
 
@@ -181,6 +184,7 @@ class SubjectGate:
         """Change one row's aliases (an edit's subject edited in place); its question vector is recomputed."""
         self.aliases[row] = tuple(aliases)
         self.vectors[row] = None
+        self.missing.add(row)
         self._automaton = None
 
     def _built(self) -> ahocorasick.Automaton:

@@ -54,7 +54,7 @@ def bench(n: int, reps: int, d: int = 1536, k: int = 439, seed: int = 0) -> dict
     mem.subjects.rows_in("warm up")  # builds the automaton
     build_s = time.perf_counter() - t0
     target = names[n // 2]
-    mem.subjects.vectors[n // 2] = None  # this edit's real vector
+    mem.subjects.set(n // 2, mem.subjects.aliases[n // 2])  # this edit's real vector, computed now
     mem.fill_vectors()
     miss_q, hit_q = "What is the capital city of Portugal?", f"In which city was {target} born?"
     query = torch.rand(1, d, generator=g).argsort(1)[:, :k]
