@@ -39,7 +39,8 @@ def prompt_masks(m, texts: list[str], batch_size: int = 32, progress: bool = Tru
     """TopHash mask indices [N, k] of each text routed as a whole prompt (what the layer computes)."""
     out = []
     for s in tqdm(range(0, len(texts), batch_size), desc="features", unit="batch", disable=not progress):
-        ids, attn = encode_prompts(m.tok, texts[s: s + batch_size])
+        b = encode_prompts(m.tok, texts[s: s + batch_size])
+        ids, attn = b.input_ids, b.attention_mask
         pos = (attn.cumsum(1) - 1).clamp_min(0)
         with capturing(m.layer):
             m.model(input_ids=ids, attention_mask=attn, position_ids=pos, use_cache=False)

@@ -108,7 +108,7 @@ def cmd_ask(args: argparse.Namespace) -> int:
     m = Memoir.from_snapshot(args.snapshot, model=args.model)
     if args.tau is not None:
         m.set_tau(args.tau)
-    for a in m.ask(args.prompts, args.max_new_tokens):
+    for a in m.ask(args.prompts, args.max_new_tokens, chat=args.chat):
         if args.json:
             print(json.dumps(a.to_dict()))
         else:
@@ -129,6 +129,9 @@ def add_ask(sub) -> None:
     p.add_argument("--max-new-tokens", type=int, default=16)
     p.add_argument("--tau", type=float, help="override the snapshot's routing threshold (subject_tau under the "
                    "subject rule)")
+    p.add_argument("--chat", action=argparse.BooleanOptionalAction, default=None,
+                   help="ask each prompt as a one-message chat in the model's chat template (what "
+                   "/v1/chat/completions sends); default: --chat for a snapshot edited in the chat format")
     p.add_argument("--threads", type=int)
     p.add_argument("prompts", nargs="+", metavar="PROMPT")
     p.set_defaults(func=cmd_ask)

@@ -39,6 +39,7 @@ ARCHITECTURES: dict[str, ArchSpec] = {
 FEATURES = ("mean_decentered", "mean", "last")
 ROUTING_RULES = ("subject", "mask")
 SUBJECT_CHECKS = ("encoder", "none")
+PROMPT_FORMATS = ("auto", "chat", "raw")
 STOP_RULES = ("reference", "loss")
 DECAY_RULES = ("coupled", "decoupled")
 
@@ -84,6 +85,12 @@ class MemoirConfig:
                                "edit (same subject, encoder cosine >= supersede_tau) retires the older one from "
                                "routing (undo: memoir snapshot disable --enable ID); --no-supersede keeps both")
     supersede_tau: float = _setting(0.8, "encoder cosine from which two edits of one subject ask the same question")
+    prompt_format: str = _setting("raw", "how edits are written and prompts routed: chat (the edit is trained as a "
+                                  "user message in the tokenizer's chat template with the target as the assistant's "
+                                  "answer, plus the raw row; every prompt routes from its last user message's content), "
+                                  "raw (the default and the reference: prompt text as is, routed from all its tokens) or auto "
+                                  "(chat when the tokenizer has a chat template; not yet measured, see #22)",
+                                  PROMPT_FORMATS)
     answer_end: str = _setting("period_eos", "what an edit trains after its target so greedy answers stop: "
                                "period_eos ('.' and end-of-text), eos, newline, or none (the reference: the target "
                                "alone, answers then tend to repeat it)", ("period_eos", "eos", "newline", "none"))
@@ -142,16 +149,16 @@ class MemoirConfig:
         unknown = sorted(set(d) - known)
         if unknown:
             raise ValueError(f"unknown MemoirConfig keys {unknown}; known keys: {sorted(known)}")
-        # stored before a setting existed: what ran then (the coupled decay, the mask-only routing)
+        # stored before a setting existed: what ran then (the coupled decay, the mask-only routing, raw prompts)
         return cls(**{"decay": "coupled", "routing": "mask", "subject_check": "none", "supersede": False,
-                      "answer_end": "none", **d})
+                      "prompt_format": "raw", "answer_end": "none", **d})
 
 
 # Named presets. "reference" is the paper's Llama-3-8B setting; per-model presets are measured
 # on that model (evidence in docs/defaults.md) and picked by `default_config(model_type, n_layers, D)`.
 PRESETS: dict[str, dict[str, Any]] = {
     "reference": dict(tau=0.4, lr=1.0, n_iter=30, optimizer="sgd", grad_clip=1.0, fast=False, weight_decay=1e-5,
-                      decay="coupled", routing="mask", supersede=False, answer_end="none"),
+                      decay="coupled", routing="mask", supersede=False, prompt_format="raw", answer_end="none"),
     "llama3-8b": dict(layer=27, k=4096, tau=0.4, lr=1.0, n_iter=30),
     "gptj-6b": dict(layer=21, k=4096, tau=0.4, lr=1.0, n_iter=70),
     # SmolLM2-135M (30 blocks, D=1536), measured: see docs/defaults.md

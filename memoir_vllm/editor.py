@@ -32,7 +32,8 @@ def generate_templates(model, tok, n_templates: int = 10) -> list[str]:
     """Context templates generated once per model by greedy decoding from the unedited model."""
     templates: list[str] = []
     for length in TEMPLATE_LENGTHS:
-        ids, attn = (t.to(model.device) for t in encode_prompts(tok, list(TEMPLATE_SEEDS)))
+        b = encode_prompts(tok, list(TEMPLATE_SEEDS)).to(model.device)
+        ids, attn = b.input_ids, b.attention_mask
         out = model.generate(
             input_ids=ids, attention_mask=attn, max_new_tokens=length, min_new_tokens=length,
             do_sample=False, pad_token_id=tok.pad_token_id,
@@ -50,7 +51,8 @@ def compute_background(model, tok, layer: MemoirLayer, texts: list[str], batch_s
         raise ValueError("the background mean needs at least one unrelated text")
     means = []
     for s in range(0, len(texts), batch_size):
-        ids, attn = (t.to(model.device) for t in encode_prompts(tok, texts[s : s + batch_size]))
+        b = encode_prompts(tok, texts[s : s + batch_size]).to(model.device)
+        ids, attn = b.input_ids, b.attention_mask
         pos = (attn.cumsum(1) - 1).clamp_min(0)
         with capturing(layer):
             model(input_ids=ids, attention_mask=attn, position_ids=pos, use_cache=False)
@@ -131,10 +133,20 @@ class SequentialEditor:
         self.max_length = getattr(model.config, "max_position_embeddings", None)
 
     def rows(self, prompt: str, target: str) -> PairBatch:
-        """The plain row and one row per template: '<template> {p} {y}'."""
+        """The training rows of one edit; row 0 is the one its mask is computed from.
+
+        raw format (the reference): the plain row and one row per template, '<template> {p} {y}'.
+        chat format (the memory has chat marks): the same rows with '{p}' / '<template> {p}' as the user
+        message of a chat and y as the assistant's answer, then the plain raw row, so one edit serves chat
+        requests and raw completions.
+        """
         prompts = [prompt] + [f"{t} {prompt}" for t in self.templates]
-        return encode_pairs(self.tok, prompts, [target] * len(prompts), self.max_length,
-                            end=self.cfg.answer_end).to(self.model.device)
+        chat = self.memory.marks is not None
+        flags = [True] * len(prompts) + [False] if chat else [False] * len(prompts)
+        if chat:
+            prompts.append(prompt)
+        return encode_pairs(self.tok, prompts, [target] * len(prompts), self.max_length, marks=self.memory.marks,
+                            chat=flags, end=self.cfg.answer_end).to(self.model.device)
 
     def edit(self, prompt: str, target: str, shard: int = 0, edit_id: int | None = None) -> EditResult:
         """Train W_m on one (prompt, target) under the prompt's TopHash mask, then store the mask.
@@ -173,8 +185,8 @@ class SequentialEditor:
     # -- the two ways of computing the loss under the edit's mask ---------------------------
 
     def _mask_from(self, acts: torch.Tensor, batch: PairBatch) -> torch.Tensor:
-        """The edit's mask indices [k] from the plain row's prompt span."""
-        return self.memory.masks_from_acts(acts[:1], batch.prompt_mask[:1])[0]
+        """The edit's mask indices [k] from the plain row's routing span."""
+        return self.memory.masks_from_acts(acts[:1], batch.route_mask[:1])[0]
 
     def _reference_steps(self, batch: PairBatch, shard: int):
         with torch.no_grad(), capturing(self.layer):

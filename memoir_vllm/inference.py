@@ -26,11 +26,14 @@ def _max_length(model) -> int | None:
 @torch.no_grad()
 def score(
     model, tok, layer: MemoirLayer | None, prompts: list[str], targets: list[str], use_memory: bool = True,
-    keep_logits: bool = False,
+    keep_logits: bool = False, chat: bool = False,
 ) -> Scored:
-    """Teacher-forced forward of 'prompt target' rows; each row routed from its prompt tokens."""
-    b = encode_pairs(tok, prompts, targets, _max_length(model)).to(model.device)
-    prompt_mask = b.prompt_mask if (use_memory and layer is not None) else None
+    """Teacher-forced forward of 'prompt target' rows; each row routed from its routing span.
+
+    chat: the prompts as one user message in the chat template, the target as the answer."""
+    marks = layer.memory.marks if layer is not None else None
+    b = encode_pairs(tok, prompts, targets, _max_length(model), marks=marks, chat=chat).to(model.device)
+    prompt_mask = b.route_mask if (use_memory and layer is not None) else None
     if layer is None:
         logits = model(input_ids=b.input_ids, attention_mask=b.attention_mask, use_cache=False).logits
         routing = None
@@ -52,16 +55,21 @@ def score(
 
 @torch.no_grad()
 def generate(
-    model, tok, layer: MemoirLayer | None, prompts: list[str], max_new_tokens: int = 16, use_memory: bool = True
+    model, tok, layer: MemoirLayer | None, prompts: list[str], max_new_tokens: int = 16, use_memory: bool = True,
+    chat: bool = False,
 ) -> tuple[list[str], Routing | None]:
-    """Greedy answers; the routing of each row is decided once from its prompt at prefill."""
-    ids, attn = (t.to(model.device) for t in encode_prompts(tok, prompts, _max_length(model)))
+    """Greedy answers; the routing of each row is decided once from its routing span at prefill.
+
+    chat: each prompt as one user message in the chat template (the answer is the assistant's turn)."""
+    marks = layer.memory.marks if layer is not None else None
+    b = encode_prompts(tok, prompts, _max_length(model), marks, chat).to(model.device)
+    ids, attn = b.input_ids, b.attention_mask
     kw = dict(input_ids=ids, attention_mask=attn, max_new_tokens=max_new_tokens, do_sample=False,
               pad_token_id=tok.pad_token_id)
     if layer is None:
         out, routing = model.generate(**kw), None
     else:
-        with routed(layer, attn.bool() if use_memory else None, layer.memory.candidates(prompts)):
+        with routed(layer, b.route_mask if use_memory else None, layer.memory.candidates(prompts)):
             out = model.generate(**kw)
             routing = layer.routing
     texts = [tok.decode(row, skip_special_tokens=True) for row in out[:, ids.shape[1]:]]

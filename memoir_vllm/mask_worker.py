@@ -39,9 +39,12 @@ class MaskWorker:
         """{"prompt": [...]} -> the same plus mask (k indices), matched edit_id / shard (-1: none) and ratio."""
         m = self.memoir
         prompts = list(batch["prompt"])
-        ids, attn = encode_prompts(m.tok, prompts, getattr(m.model.config, "max_position_embeddings", None))
+        # prompts in the form the edits were written in (chat rendering for a chat-format memory)
+        b = encode_prompts(m.tok, prompts, getattr(m.model.config, "max_position_embeddings", None),
+                           m.memory.marks, chat=m.memory.marks is not None)
+        ids, attn = b.input_ids, b.attention_mask
         pos = (attn.cumsum(1) - 1).clamp_min(0)  # [B, T] positions under left padding
-        with routed(m.layer, attn.bool(), m.memory.candidates(prompts)) as layer:
+        with routed(m.layer, b.route_mask, m.memory.candidates(prompts)) as layer:
             m.model(input_ids=ids, attention_mask=attn, position_ids=pos, use_cache=False)
             r = layer.routing
         index = m.memory.index

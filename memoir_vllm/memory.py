@@ -24,6 +24,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from .chat import ChatMarks, routing_span
 from .index import MaskIndex, unpack_masks
 from .subjects import SubjectGate
 from .tophash import Pooled, feature_from_pool, indices_to_mask, make_permutation, pool_prompt, tophash
@@ -62,6 +63,8 @@ class ResidualMemory(nn.Module):
         rule: "mask" (the paper's routing over all edits) or "subject" (only edits whose subject the request
             names are candidates; see the module docstring).
         subject_tau: threshold on overlap / k among the candidates (rule "subject").
+        marks: the chat template's marks when edits were made in the chat format (prompts then route from
+            their last user message's content: chat.routing_span); None routes every prompt from all its tokens.
     """
 
     def __init__(
@@ -78,6 +81,7 @@ class ResidualMemory(nn.Module):
         subject_tau: float = 0.3,
         subject_check: str = "none",
         check_tau: float = 0.7,
+        marks: ChatMarks | None = None,
     ) -> None:
         super().__init__()
         if k > d_inner:
@@ -88,6 +92,7 @@ class ResidualMemory(nn.Module):
             raise ValueError(f"routing rule {rule!r}: use 'subject' or 'mask'")
         self.d_model, self.d_inner, self.k = d_model, d_inner, k
         self.tau, self.seed, self.feature = tau, seed, feature
+        self.marks = marks
         self.weight = nn.Parameter(torch.zeros(n_shards, d_model, d_inner, dtype=dtype))  # [S, d_model, D]
         self.register_buffer("perm", make_permutation(d_inner, seed))  # [D]
         self.register_buffer("background", torch.zeros(d_inner))  # [D]
@@ -107,6 +112,10 @@ class ResidualMemory(nn.Module):
         return len(self.index)
 
     # -- routing --------------------------------------------------------------------------------
+
+    def routing_span(self, prompt_ids: list[int]) -> tuple[int, int]:
+        """[start, end) of the prompt tokens a prompt routes from (chat.routing_span with this memory's marks)."""
+        return routing_span(prompt_ids, self.marks)
 
     def feature_of(self, pooled: Pooled) -> torch.Tensor:
         """The routing feature [B, D] float32 of pooled routing tokens."""
@@ -266,14 +275,17 @@ class ResidualMemory(nn.Module):
         fresh = ResidualMemory(self.d_model, self.d_inner, self.k, self.tau, self.seed, self.feature,
                                n_shards=self.n_shards if n_shards is None else n_shards, dtype=self.weight.dtype,
                                rule=self.rule, subject_tau=self.subject_tau, subject_check=self.subject_check,
-                               check_tau=self.check_tau)
+                               check_tau=self.check_tau, marks=self.marks)
         fresh.background.copy_(self.background)
         return fresh.to(self.perm.device)
 
 
-def empty_memory(d_model: int, d_inner: int, cfg, n_shards: int = 1,
-                 dtype: torch.dtype = torch.float32) -> ResidualMemory:
-    """A fresh, zero memory for a resolved MemoirConfig (layer and k set); the one constructor callers use."""
+def empty_memory(d_model: int, d_inner: int, cfg, n_shards: int = 1, dtype: torch.dtype = torch.float32,
+                 marks: ChatMarks | None = None) -> ResidualMemory:
+    """A fresh, zero memory for a resolved MemoirConfig (layer and k set); the one constructor callers use.
+    marks: the tokenizer's chat marks, required when cfg.prompt_format is "chat"."""
+    if cfg.prompt_format == "chat" and marks is None:
+        raise ValueError("prompt_format='chat' needs the tokenizer's chat marks (chat.chat_marks(tok))")
     return ResidualMemory(d_model, d_inner, cfg.k, cfg.tau, cfg.seed, cfg.feature, n_shards=n_shards, dtype=dtype,
                           rule=cfg.routing, subject_tau=cfg.subject_tau, subject_check=cfg.subject_check,
-                          check_tau=cfg.check_tau)
+                          check_tau=cfg.check_tau, marks=marks if cfg.prompt_format == "chat" else None)

@@ -8,6 +8,7 @@
 """
 from __future__ import annotations
 
+import dataclasses
 import logging
 import time
 from dataclasses import dataclass
@@ -18,6 +19,7 @@ from typing import Callable, Iterable, Sequence
 import torch
 from tqdm.auto import tqdm
 
+from .chat import chat_marks, has_chat_template
 from .config import MemoirConfig, default_config
 from .editor import EditResult, SequentialEditor, compute_background, generate_templates
 from .edits import EditRequest
@@ -36,6 +38,16 @@ def builtin_background() -> list[str]:
     """The packaged unrelated general-knowledge texts used for the background mean by default."""
     text = resources.files("memoir_vllm").joinpath("background.txt").read_text(encoding="utf-8")
     return [line.strip() for line in text.splitlines() if line.strip()]
+
+
+def resolve_prompt_format(cfg: MemoirConfig, tok) -> MemoirConfig:
+    """cfg with prompt_format "auto" made concrete: chat for a tokenizer with a chat template, else raw."""
+    if cfg.prompt_format == "chat" and not has_chat_template(tok):
+        raise ValueError("prompt_format='chat' but this model's tokenizer has no chat template: use "
+                         "--prompt-format raw (base models are edited and routed in the raw format)")
+    if cfg.prompt_format != "auto":
+        return cfg
+    return dataclasses.replace(cfg, prompt_format="chat" if has_chat_template(tok) else "raw")
 
 
 @dataclass
@@ -98,7 +110,8 @@ class Memoir:
         hf_model, tok = load_model(model)
         n_layers, d_model, d_inner = model_dims(hf_model)
         cfg = default_config(hf_model.config.model_type, n_layers, d_inner, **settings).resolved(n_layers, d_inner)
-        memory = empty_memory(d_model, d_inner, cfg)
+        cfg = resolve_prompt_format(cfg, tok)
+        memory = empty_memory(d_model, d_inner, cfg, marks=chat_marks(tok) if cfg.prompt_format == "chat" else None)
         layer = attach(hf_model, memory, cfg.layer)
         texts = (background or builtin_background())[: cfg.n_background]
         memory.background.copy_(compute_background(hf_model, tok, layer, texts))
@@ -196,10 +209,18 @@ class Memoir:
 
     # -- asking ---------------------------------------------------------------------------------
 
-    def ask(self, prompts: list[str], max_new_tokens: int = 16) -> list[Answer]:
-        """Greedy answers with and without the memory, the matched edit and the best overlap."""
-        answers, routing = generate(self.model, self.tok, self.layer, prompts, max_new_tokens, use_memory=True)
-        base, _ = generate(self.model, self.tok, self.layer, prompts, max_new_tokens, use_memory=False)
+    def ask(self, prompts: list[str], max_new_tokens: int = 16, chat: bool | None = None) -> list[Answer]:
+        """Greedy answers with and without the memory, the matched edit and the best overlap (under the subject
+        rule also each prompt's candidates: why it routed where it did).
+
+        chat: send each prompt as a one-message chat (default: for a chat-format memory).
+        """
+        chat = (self.memory.marks is not None) if chat is None else chat
+        if chat and not has_chat_template(self.tok):
+            raise ValueError("--chat: this model's tokenizer has no chat template; ask in the raw form")
+        answers, routing = generate(self.model, self.tok, self.layer, prompts, max_new_tokens, use_memory=True,
+                                    chat=chat)
+        base, _ = generate(self.model, self.tok, self.layer, prompts, max_new_tokens, use_memory=False, chat=chat)
         out = []
         why = self.why(prompts, routing.mask_idx) if routing is not None and self.memory.rule == "subject" else None
         for i, p in enumerate(prompts):

@@ -28,6 +28,7 @@ import pyarrow.parquet as pq
 import torch
 from safetensors.torch import load_file, save_file
 
+from .chat import ChatMarks
 from .atomic import TMP_PREFIX, atomic_dir, sha256_file, write_text_atomic
 from .config import MemoirConfig
 from .memory import ResidualMemory
@@ -36,7 +37,7 @@ from .state import EditRecord, MemoryState
 __all__ = ["EditRecord", "MemoryState", "Snapshot", "SnapshotError", "save_snapshot", "load_snapshot",
            "resolve_version", "latest_version", "read_manifest", "check_model", "snapshot_info"]
 
-FORMAT_VERSION = 2  # 2: edits carry a subject, the manifest names the routing rule; 1 reads as the mask rule
+FORMAT_VERSION = 2  # 2: edits carry a subject, the manifest names the routing rule and chat_marks; 1 reads as mask, raw
 READABLE_FORMATS = (1, 2)
 MANIFEST, WEIGHTS, EDITS, LATEST = "manifest.json", "memory.safetensors", "edits.parquet", "LATEST"
 
@@ -143,6 +144,7 @@ def save_snapshot(root: str | Path, state: MemoryState, keep: int = 3, extra: di
             "feature": memory.feature,
             "routing": {"rule": memory.rule, "subject_tau": memory.subject_tau, "subject_check": memory.subject_check,
                         "check_tau": memory.check_tau},
+            "chat_marks": memory.marks.to_dict() if memory.marks is not None else None,
             "n_shards": memory.n_shards,
             "n_edits": memory.n_edits,
             "n_active": memory.index.n_active,
@@ -222,7 +224,7 @@ def load_snapshot(path: str | Path, verify: bool = True) -> Snapshot:
         manifest["d_model"], manifest["d_inner"], manifest["k"], manifest["tau"], manifest["seed"],
         manifest["feature"], n_shards=manifest["n_shards"], dtype=tensors["weight"].dtype,
         rule=config.routing, subject_tau=config.subject_tau, subject_check=config.subject_check,
-        check_tau=config.check_tau,
+        check_tau=config.check_tau, marks=ChatMarks.from_dict(manifest.get("chat_marks")),
     )
     with torch.no_grad():
         memory.weight.copy_(tensors["weight"])
@@ -265,7 +267,7 @@ def snapshot_info(path: str | Path) -> dict[str, Any]:
     m = json.loads((d / MANIFEST).read_text())
     root = d.parent if (d.parent / LATEST).exists() else None
     keys = ("version", "parent", "created", "model", "module", "layer", "d_model", "d_inner", "k", "seed", "tau",
-            "feature", "routing", "n_shards", "n_edits", "n_active")
+            "feature", "routing", "chat_marks", "n_shards", "n_edits", "n_active")
     info = {k: m.get(k) for k in keys}
     info["path"] = str(d)
     if root:

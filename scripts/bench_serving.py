@@ -70,7 +70,8 @@ def synth_snapshot(out: Path, n_edits: int, match_prompts: list[str], tau: float
     memory.background.copy_(compute_background(model, tok, layer, builtin_background()[: cfg.n_background]))
     masks = []
     for p in match_prompts:  # one at a time: no padding
-        ids, attn = encode_prompts(tok, [p])
+        b = encode_prompts(tok, [p])
+        ids, attn = b.input_ids, b.attention_mask
         with capturing(layer), torch.no_grad():
             model(input_ids=ids, attention_mask=attn, use_cache=False)
         masks.append(memory.masks_from_acts(layer.captured, attn.bool()))  # [1, k]

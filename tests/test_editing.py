@@ -104,7 +104,8 @@ def test_fast_editor_follows_the_reference_loss_within_1e4(default_model_dir, zs
 def test_reference_loss_normalises_by_n_target_plus_one():
     logits = torch.zeros(1, 3, 4)  # uniform: CE = log 4 at each position
     b = encode_pairs.__globals__["PairBatch"](
-        torch.tensor([[0, 1, 2]]), torch.ones(1, 3), torch.tensor([[True, False, False]]), torch.tensor([[False, True, True]])
+        torch.tensor([[0, 1, 2]]), torch.ones(1, 3), torch.tensor([[True, False, False]]), torch.tensor([[False, True, True]]),
+        torch.tensor([[True, False, False]]),
     )
     assert target_loss(logits, b).item() == pytest.approx(2 * torch.log(torch.tensor(4.0)).item() / 3)
 

@@ -4,9 +4,13 @@ Each live request owns a stable slot (kept across preemption, freed when the run
 request). Per step, after vLLM's runner has fixed its batch, `Router.prepare()` writes
 
     tok_slot[t]   slot of the request of token t (-1: padding, no memory)          [T_max] int64
-    tok_prompt[t] token t is a prompt token of a request not yet decided           [T_max] bool
+    tok_prompt[t] token t is a routing token (in its prompt's routing span) of a request not yet decided
+                                                                                   [T_max] bool
     dec_slots[:n] slots whose prompt completes this step (decided in the forward)  [R_max] int64
-    dec_last[:n]  token index (in this step) of each deciding slot's last prompt token [R_max] int64
+    dec_last[:n]  token index (in this step) of each deciding slot's last routing token [R_max] int64
+
+A prompt's routing span is ResidualMemory.routing_span of its token ids (all of them, or in a chat
+rendering the last user message's content), found once per request from its prompt token ids.
 
 and, under the subject rule, once per request when it is admitted (its prompt decoded once):
 
@@ -97,6 +101,7 @@ class Router:
         self._grow(max(2 * max_reqs, 8), d)
         self.states: dict[str, RequestState] = {}
         self.keys: dict[str, bytes] = {}
+        self.spans: dict[str, tuple[int, int]] = {}  # request id -> routing span [start, end) of its prompt
         self.decisions: OrderedDict[bytes, int] = OrderedDict()  # prompt key -> row (-1 none)
         self.cache_size = cache_size
         self.plan = StepPlan()
@@ -146,6 +151,7 @@ class Router:
         for rid in gone:
             self.keys.pop(rid, None)
             self.cands.pop(rid, None)
+            self.spans.pop(rid, None)
         idx = torch.tensor(slots, dtype=torch.int64, device=self.device)
         self.slot_row[idx] = NO_MEMORY
         self.slot_cand[idx] = NO_MEMORY
@@ -154,9 +160,12 @@ class Router:
         self.free.extend(slots)
 
     def admit(self, rid: str, prompt_ids: list[int]) -> None:
-        """A new request: find its subject candidates once, from its prompt text (host side, before its slot)."""
+        """A new request: its routing span (ResidualMemory.routing_span: the last user message's content in a
+        chat rendering) and its subject candidates from that span's text, once (host side, before its slot)."""
+        start, end = self.memory.routing_span(prompt_ids)
+        self.spans[rid] = (start, end)
         if self.memory.rule == "subject":
-            text = self.text_of(prompt_ids) if self.text_of is not None else ""
+            text = self.text_of(prompt_ids[start:end]) if self.text_of is not None else ""
             scored = self.memory.candidate_scores([text])[0][:MAX_CANDIDATES]  # the one rule (memory.py)
             self.cands[rid] = [r for r, _ in scored]
             if scored:  # why it will route where it does (the decision adds the mask overlap)
@@ -212,11 +221,17 @@ class Router:
             self.counts["routed"] += int(row >= 0)
 
     def prepare(self, req_ids: list[str], num_computed: np.ndarray, num_scheduled: np.ndarray,
-                num_prompt: np.ndarray, opted_out: list[bool], keys: list[bytes], live: set[str]) -> None:
-        """Fill this step's buffers from the final batch of the runner (one call per model forward)."""
+                num_prompt: np.ndarray, opted_out: list[bool], keys: list[bytes], live: set[str],
+                spans: np.ndarray | None = None) -> None:
+        """Fill this step's buffers from the final batch of the runner (one call per model forward).
+
+        spans [R, 2]: each prompt's routing span [start, end) (default: what admit() found, else the whole prompt)."""
         self._read_back()
         self._release(live)
         n = len(req_ids)
+        if spans is None:
+            spans = np.asarray([self.spans.get(rid, (0, int(num_prompt[i]))) for i, rid in enumerate(req_ids)],
+                               dtype=np.int64).reshape(n, 2)
         slots = np.empty(n, dtype=np.int64)
         undecided = np.zeros(n, dtype=bool)
         decide: list[int] = []
@@ -229,6 +244,7 @@ class Router:
         for i, rid in enumerate(req_ids):
             st = self.states.get(rid)
             start, count, plen = int(num_computed[i]), int(num_scheduled[i]), int(num_prompt[i])
+            c0, c1 = int(spans[i, 0]), int(spans[i, 1])  # routing span of the prompt
             if st is None:
                 st = self._alloc(rid, keys[i])
                 if self.cands.get(rid):
@@ -257,14 +273,14 @@ class Router:
                     self.acc[st.slot].zero_()
                     st.n_prompt_seen = 0
                 undecided[i] = True
-                seen = max(0, min(start + count, plen) - start)
+                seen = max(0, min(start + count, c1) - max(start, c0))
                 st.n_prompt_seen += seen
                 if start + count >= plen:
                     if st.n_prompt_seen > count:
                         self.counts["chunked"] += 1
                     decide.append(st.slot)
                     decide_n.append(float(max(st.n_prompt_seen, 1)))
-                    decide_last.append(int(offsets[i]) + max(plen - 1 - start, 0))
+                    decide_last.append(int(offsets[i]) + max(c1 - 1 - start, 0))
                     st.pending_readback = True
                     need_memory = True
             elif st.pending_readback or st.row >= 0:
@@ -275,11 +291,12 @@ class Router:
             raise RuntimeError(f"memoir: {total} tokens in one step, buffers hold {self.max_tokens}")
         per_tok = np.repeat(slots, num_scheduled[:n])  # [T]
         tok_pos = np.repeat(num_computed[:n], num_scheduled[:n]) + _aranges(num_scheduled[:n])  # [T]
-        tok_plen = np.repeat(num_prompt[:n], num_scheduled[:n])  # [T]
+        tok_c0 = np.repeat(spans[:n, 0], num_scheduled[:n])  # [T]
+        tok_c1 = np.repeat(spans[:n, 1], num_scheduled[:n])  # [T]
         tok_und = np.repeat(undecided, num_scheduled[:n])  # [T]
         self._tok_slot_host[:total] = torch.from_numpy(per_tok)
         self._tok_slot_host[total:] = NO_MEMORY
-        self._tok_prompt_host[:total] = torch.from_numpy(tok_und & (tok_pos < tok_plen))
+        self._tok_prompt_host[:total] = torch.from_numpy(tok_und & (tok_pos >= tok_c0) & (tok_pos < tok_c1))
         self._tok_prompt_host[total:] = False
         self.tok_slot.copy_(self._tok_slot_host, non_blocking=True)
         self.tok_prompt.copy_(self._tok_prompt_host, non_blocking=True)
