@@ -133,8 +133,8 @@ class MemoirLM(HFLM):
             return super()._model_call(inps, attn_mask, labels)
 
     def _candidates(self, ids: torch.Tensor) -> torch.Tensor | None:
-        """The subject rule's candidate rows of token-id rows (their text decoded once)."""
-        if self.memoir.memory.rule != "subject":
+        """The subject rule's candidate rows of token-id rows (their text decoded once); none without the memory."""
+        if self.memoir.memory.rule != "subject" or not self.use_memory:
             return None
         return self.memoir.memory.candidates(self.tokenizer.batch_decode(ids, skip_special_tokens=True))
 

@@ -38,7 +38,7 @@ def score(
         logits = model(input_ids=b.input_ids, attention_mask=b.attention_mask, use_cache=False).logits
         routing = None
     else:
-        with routed(layer, prompt_mask, layer.memory.candidates(prompts)):
+        with routed(layer, prompt_mask, layer.memory.candidates(prompts) if prompt_mask is not None else None):
             logits = model(input_ids=b.input_ids, attention_mask=b.attention_mask, use_cache=False).logits
             routing = layer.routing
     pred = b.target_mask[:, 1:]  # [B, T-1] positions whose next token is a target token
@@ -56,11 +56,12 @@ def score(
 @torch.no_grad()
 def generate(
     model, tok, layer: MemoirLayer | None, prompts: list[str], max_new_tokens: int = 16, use_memory: bool = True,
-    chat: bool = False,
+    chat: bool = False, candidates: torch.Tensor | None = None,
 ) -> tuple[list[str], Routing | None]:
     """Greedy answers; the routing of each row is decided once from its routing span at prefill.
 
-    chat: each prompt as one user message in the chat template (the answer is the assistant's turn)."""
+    chat: each prompt as one user message in the chat template (the answer is the assistant's turn).
+    candidates: the rows' subject-rule candidates when the caller has them (default: found from prompts)."""
     marks = layer.memory.marks if layer is not None else None
     b = encode_prompts(tok, prompts, _max_length(model), marks, chat).to(model.device)
     ids, attn = b.input_ids, b.attention_mask
@@ -69,7 +70,9 @@ def generate(
     if layer is None:
         out, routing = model.generate(**kw), None
     else:
-        with routed(layer, b.route_mask if use_memory else None, layer.memory.candidates(prompts)):
+        if use_memory and candidates is None:
+            candidates = layer.memory.candidates(prompts)
+        with routed(layer, b.route_mask if use_memory else None, candidates if use_memory else None):
             out = model.generate(**kw)
             routing = layer.routing
     texts = [tok.decode(row, skip_special_tokens=True) for row in out[:, ids.shape[1]:]]

@@ -33,6 +33,17 @@ NO_EDIT = -1  # decision row of a request served by the base model
 MAX_CANDIDATES = 32  # candidate rows per request under the subject rule (the newest when more edits match)
 
 
+def candidate_rows(scored: list[list[tuple[int, float | None]]], width: int | None = None) -> torch.Tensor:
+    """Per-text candidates (ResidualMemory.candidate_scores) as rows [B, C] int64, -1 padded, in decision order.
+    width: C (default: the most any text has, at most MAX_CANDIDATES); a text with more keeps its first C."""
+    c = width if width is not None else min(max([len(s) for s in scored] + [1]), MAX_CANDIDATES)
+    out = torch.full((len(scored), c), NO_EDIT, dtype=torch.int64)
+    for i, s in enumerate(scored):
+        rows = [r for r, _ in s[:c]]
+        out[i, : len(rows)] = torch.tensor(rows, dtype=torch.int64)
+    return out
+
+
 @dataclass
 class Decision:
     """The routing of a batch of rows, all on the memory's device."""
@@ -126,23 +137,27 @@ class ResidualMemory(nn.Module):
         return tophash(self.feature_of(pool_prompt(acts, prompt_mask)), self.k, self.perm)
 
     @property
-    def threshold(self) -> float:
-        """The overlap / k a request needs to route: subject_tau under the subject rule, else tau."""
-        return self.subject_tau if self.rule == "subject" else self.tau
+    def threshold_name(self) -> str:
+        """The setting a request's overlap / k is held to: subject_tau under the subject rule, else tau."""
+        return "subject_tau" if self.rule == "subject" else "tau"
 
-    def candidates(self, texts: list[str], width: int | None = None) -> torch.Tensor | None:
-        """Rows [B, C] (-1: none) of the edits whose subject each text names, newest first; None under the
-        mask rule (every edit is a candidate). width: C (default: the most any text has, at most
-        MAX_CANDIDATES); a text with more candidates keeps the newest."""
+    @property
+    def threshold(self) -> float:
+        """The overlap / k a request needs to route (the value of threshold_name)."""
+        return getattr(self, self.threshold_name)
+
+    def set_threshold(self, tau: float) -> None:
+        """Set the routing threshold of this memory's rule (what `memoir ask --tau` and memoir_set_tau change)."""
+        if not 0.0 <= tau <= 1.0:
+            raise ValueError(f"tau={tau} is outside [0, 1]")
+        setattr(self, self.threshold_name, float(tau))
+
+    def candidates(self, texts: list[str]) -> torch.Tensor | None:
+        """Rows [B, C] (-1: none) of each text's candidates in decision order (candidate_scores, candidate_rows);
+        None under the mask rule (every edit is a candidate)."""
         if self.rule != "subject":
             return None
-        rows = [[r for r, _ in scored] for scored in self.candidate_scores(texts)]
-        c = width if width is not None else min(max([len(r) for r in rows] + [1]), MAX_CANDIDATES)
-        out = torch.full((len(texts), c), NO_EDIT, dtype=torch.int64)
-        for i, r in enumerate(rows):
-            r = r[:c]
-            out[i, : len(r)] = torch.tensor(r, dtype=torch.int64)
-        return out.to(self.perm.device)
+        return candidate_rows(self.candidate_scores(texts)).to(self.perm.device)
 
     def candidate_scores(self, texts: list[str], min_cos: float | None = None) -> list[list[tuple[int, float | None]]]:
         """Per text, the (row, cosine) of its candidates in decision order: the active rows whose subject it
@@ -157,13 +172,13 @@ class ResidualMemory(nn.Module):
         from .subjects import mask_subject
 
         self.fill_vectors()
-        # one masked text per (text, candidate subject): usually one per text
-        masked = [{mask_subject(t, gate.aliases[r]) for r in rs} for t, rs in zip(texts, rows)]
+        # the text as each candidate's subject masks it: usually one distinct masked text per text
+        masked = [[mask_subject(t, gate.aliases[r]) for r in rs] for t, rs in zip(texts, rows)]
         flat = sorted({m for ms in masked for m in ms})
         vec = dict(zip(flat, sentence_encoder()(flat))) if flat else {}
         out = []
-        for t, rs in zip(texts, rows):
-            scored = [(r, float(gate.vectors[r] @ vec[mask_subject(t, gate.aliases[r])])) for r in rs]
+        for rs, ms in zip(rows, masked):
+            scored = [(r, float(gate.vectors[r] @ vec[m])) for r, m in zip(rs, ms)]
             kept = [(r, round(c, 4)) for r, c in scored if c >= min_cos]
             out.append(sorted(kept, key=lambda rc: -rc[1]))  # stable: equal cosines stay newest first
         return out

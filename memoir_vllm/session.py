@@ -25,7 +25,7 @@ from .editor import EditResult, SequentialEditor, compute_background, generate_t
 from .edits import EditRequest
 from .hf import attach, down_proj_path, model_dims
 from .inference import generate
-from .memory import ResidualMemory, empty_memory
+from .memory import ResidualMemory, candidate_rows, empty_memory
 from .models import load_model, model_identity, resolve_model_dir
 from .snapshot import Snapshot, check_model, load_snapshot, save_snapshot
 from .state import EditRecord, MemoryState
@@ -200,12 +200,8 @@ class Memoir:
 
     def set_tau(self, tau: float) -> None:
         """Set the routing threshold of the memory's rule (subject_tau under the subject rule, else tau)."""
-        if not 0.0 <= tau <= 1.0:
-            raise ValueError(f"tau={tau} is outside [0, 1]")
-        if self.memory.rule == "subject":
-            self.memory.subject_tau = self.cfg.subject_tau = tau
-        else:
-            self.memory.tau = self.cfg.tau = tau
+        self.memory.set_threshold(tau)
+        setattr(self.cfg, self.memory.threshold_name, self.memory.threshold)
 
     # -- asking ---------------------------------------------------------------------------------
 
@@ -218,11 +214,12 @@ class Memoir:
         chat = (self.memory.marks is not None) if chat is None else chat
         if chat and not has_chat_template(self.tok):
             raise ValueError("--chat: this model's tokenizer has no chat template; ask in the raw form")
+        scored = self.memory.candidate_scores(prompts) if self.memory.rule == "subject" else None  # found once
         answers, routing = generate(self.model, self.tok, self.layer, prompts, max_new_tokens, use_memory=True,
-                                    chat=chat)
+                                    chat=chat, candidates=candidate_rows(scored) if scored is not None else None)
         base, _ = generate(self.model, self.tok, self.layer, prompts, max_new_tokens, use_memory=False, chat=chat)
         out = []
-        why = self.why(prompts, routing.mask_idx) if routing is not None and self.memory.rule == "subject" else None
+        why = self.why(scored, routing.mask_idx) if scored is not None else None
         for i, p in enumerate(prompts):
             row = int(routing.row[i]) if routing is not None else -1
             edit_id = int(self.memory.index.edit_ids[row]) if row >= 0 else None
@@ -230,18 +227,19 @@ class Memoir:
             out.append(Answer(p, answers[i], base[i], edit_id, overlap, why[i] if why else None))
         return out
 
-    def why(self, prompts: list[str], mask_idx) -> list[list[dict]]:
-        """Per prompt, its subject-rule candidates in decision order: edit id, subject, encoder cosine (None
-        without the check) and mask overlap / k; the first with overlap >= subject_tau is the one routed to."""
+    def why(self, scored: list[list[tuple[int, float | None]]], mask_idx) -> list[list[dict]]:
+        """Per prompt, its subject-rule candidates (ResidualMemory.candidate_scores) in decision order: edit id,
+        subject, encoder cosine (None without the check) and mask overlap / k of its query mask (mask_idx
+        [B, k]); the first with overlap >= subject_tau is the one routed to."""
         from .tophash import indices_to_mask
 
         mem, out = self.memory, []
         q = indices_to_mask(mask_idx, mem.d_inner)  # [B, D]
-        for i, scored in enumerate(mem.candidate_scores(prompts)):
-            rows = [r for r, _ in scored]
+        for i, cands in enumerate(scored):
+            rows = [r for r, _ in cands]
             ov = (mem.index.masks(torch.tensor(rows, dtype=torch.int64)) & q[i]).sum(1).tolist() if rows else []
             out.append([dict(edit_id=int(mem.index.edit_ids[r]), subject=list(mem.subjects.aliases[r]), cosine=c,
-                             overlap=round(o / mem.k, 4)) for (r, c), o in zip(scored, ov)])
+                             overlap=round(o / mem.k, 4)) for (r, c), o in zip(cands, ov)])
         return out
 
     # -- saving ---------------------------------------------------------------------------------

@@ -260,13 +260,8 @@ class MemoirWorkerExtension:
                 "tau": r.memory.threshold, "routing": r.memory.rule, "live_requests": len(r.states), **r.counts}
 
     def memoir_set_tau(self, tau: float) -> float:
-        if not 0.0 <= tau <= 1.0:
-            raise ValueError(f"tau={tau} is outside [0, 1]")
         r = self._memoir_attachment().router
-        if r.memory.rule == "subject":  # the threshold of the memory's rule (ResidualMemory.threshold)
-            r.memory.subject_tau = float(tau)
-        else:
-            r.memory.tau = float(tau)
+        r.memory.set_threshold(tau)
         r.clear_decisions()
         return r.memory.threshold
 

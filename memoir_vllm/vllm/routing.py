@@ -38,7 +38,7 @@ from typing import Callable
 import numpy as np
 import torch
 
-from ..memory import MAX_CANDIDATES, ResidualMemory
+from ..memory import MAX_CANDIDATES, ResidualMemory, candidate_rows
 
 log = logging.getLogger(__name__)
 
@@ -87,7 +87,7 @@ class Router:
                  text_of: Callable[[list[int]], str] | None = None) -> None:
         self.memory = memory
         self.text_of = text_of
-        self.cands: dict[str, list[int]] = {}  # request id -> its candidate rows (subject rule), set by admit()
+        self.cands: dict[str, list[tuple[int, float | None]]] = {}  # request id -> its candidates, set by admit()
         self.device, self.dtype = device, dtype
         self.max_tokens = max_tokens
         d = memory.d_inner
@@ -167,7 +167,7 @@ class Router:
         if self.memory.rule == "subject":
             text = self.text_of(prompt_ids[start:end]) if self.text_of is not None else ""
             scored = self.memory.candidate_scores([text])[0][:MAX_CANDIDATES]  # the one rule (memory.py)
-            self.cands[rid] = [r for r, _ in scored]
+            self.cands[rid] = scored
             if scored:  # why it will route where it does (the decision adds the mask overlap)
                 ids = self.memory.index.edit_ids
                 log.info("memoir: request %s candidates (edit id, cosine): %s", rid,
@@ -221,17 +221,14 @@ class Router:
             self.counts["routed"] += int(row >= 0)
 
     def prepare(self, req_ids: list[str], num_computed: np.ndarray, num_scheduled: np.ndarray,
-                num_prompt: np.ndarray, opted_out: list[bool], keys: list[bytes], live: set[str],
-                spans: np.ndarray | None = None) -> None:
-        """Fill this step's buffers from the final batch of the runner (one call per model forward).
-
-        spans [R, 2]: each prompt's routing span [start, end) (default: what admit() found, else the whole prompt)."""
+                num_prompt: np.ndarray, opted_out: list[bool], keys: list[bytes], live: set[str]) -> None:
+        """Fill this step's buffers from the final batch of the runner (one call per model forward). Each
+        prompt routes from the span admit() found (the whole prompt for a request never admitted)."""
         self._read_back()
         self._release(live)
         n = len(req_ids)
-        if spans is None:
-            spans = np.asarray([self.spans.get(rid, (0, int(num_prompt[i]))) for i, rid in enumerate(req_ids)],
-                               dtype=np.int64).reshape(n, 2)
+        spans = np.asarray([self.spans.get(rid, (0, int(num_prompt[i]))) for i, rid in enumerate(req_ids)],
+                           dtype=np.int64).reshape(n, 2)  # [R, 2] routing span [start, end) of each prompt
         slots = np.empty(n, dtype=np.int64)
         undecided = np.zeros(n, dtype=bool)
         decide: list[int] = []
@@ -239,7 +236,7 @@ class Router:
         decide_last: list[int] = []  # token index of each deciding slot's last prompt token
         offsets = np.cumsum(num_scheduled[:n]) - num_scheduled[:n]  # [R] first token of each row in this step
         fresh: list[int] = []  # new slots left undecided by the host: UNDECIDED until their forward decides
-        new_cands: list[tuple[int, list[int]]] = []  # (slot, candidate rows) of new requests with candidates
+        new_cands: list[tuple[int, list[tuple[int, float | None]]]] = []  # (slot, candidates) of new requests
         need_memory = False
         for i, rid in enumerate(req_ids):
             st = self.states.get(rid)
@@ -301,11 +298,8 @@ class Router:
         self.tok_slot.copy_(self._tok_slot_host, non_blocking=True)
         self.tok_prompt.copy_(self._tok_prompt_host, non_blocking=True)
         if new_cands:  # one batched write of the new requests' candidate rows
-            host = torch.full((len(new_cands), MAX_CANDIDATES), NO_MEMORY, dtype=torch.int64)
-            for j, (_, rows) in enumerate(new_cands):
-                host[j, : len(rows)] = torch.tensor(rows, dtype=torch.int64)
             idx = torch.tensor([s for s, _ in new_cands], dtype=torch.int64, device=self.device)
-            self.slot_cand[idx] = host.to(self.device)
+            self.slot_cand[idx] = candidate_rows([c for _, c in new_cands], MAX_CANDIDATES).to(self.device)
         if fresh:  # one batched write instead of one per request (each is a kernel launch on a GPU)
             self.slot_row[torch.tensor(fresh, dtype=torch.int64, device=self.device)] = UNDECIDED
         if decide:
