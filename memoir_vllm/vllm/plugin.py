@@ -64,7 +64,22 @@ def register() -> None:
     shim.patch_scheduler_init(_scheduler_seen)
     shim.patch_request_salt(_salt)
     shim.patch_config_hash(_config_salt)
+    _log_to_stderr()
     _REGISTERED = True
+
+
+def _log_to_stderr() -> None:
+    """Show memoir's INFO lines (the attachment, each request's candidates) in the server's output. vLLM's
+    processes configure only vLLM's own logger, so without a handler of its own memoir's package would
+    print warnings only (Python's last-resort handler)."""
+    pkg = logging.getLogger("memoir_vllm")
+    if pkg.handlers or logging.getLogger().handlers:
+        return  # the application configured logging (memoir's CLI, a test runner): keep it
+    handler = logging.StreamHandler()
+    handler.setFormatter(logging.Formatter("%(levelname)s %(asctime)s memoir [%(name)s] %(message)s", "%m-%d %H:%M:%S"))
+    pkg.addHandler(handler)
+    pkg.setLevel(logging.INFO)
+    pkg.propagate = False
 
 
 def _force_v1_runner() -> None:
