@@ -235,7 +235,7 @@ def _save_state(m: Memoir, stats: list[dict[str, float]], state: Path) -> None:
     from .report import write_json
 
     write_json(Path(state) / STATS, stats)
-    m.save(state, keep=1)
+    m.save(state, keep=2)
 
 
 # -- aggregation ----------------------------------------------------------------------------------

@@ -43,6 +43,8 @@ def add_prepare_model(sub) -> None:
 
 def cmd_edit(args: argparse.Namespace) -> int:
     if args.ray:
+        if args.append or args.wait:
+            raise ValueError("--append/--wait are for sequential jobs: a Ray job writes its own store (drop --ray)")
         if args.device is not None:
             raise ValueError("--device is not passed to Ray workers (they edit on CPU): drop --device or --ray")
         return cmd_edit_ray(args)
@@ -55,7 +57,7 @@ def cmd_edit(args: argparse.Namespace) -> int:
     set_device(args.device)
     summary = run_edit_job(
         model=args.model, edits=args.edits, out=args.out, resume=args.resume, every=args.checkpoint_every,
-        limit=args.limit, background=args.background, settings=settings(args),
+        limit=args.limit, background=args.background, settings=settings(args), append=args.append, wait=args.wait,
     )
     print(json.dumps(summary, indent=2))
     return 0
@@ -76,12 +78,18 @@ def cmd_edit_ray(args: argparse.Namespace) -> int:
 def add_edit(sub) -> None:
     p = sub.add_parser("edit", help="write the edits of a file into a memory and save snapshots",
                        description="Edit sequentially; a snapshot version is written every --checkpoint-every edits "
-                       "and at the end. An interrupted run keeps its last snapshot; --resume continues after it.")
+                       "and at the end. An interrupted run keeps its last snapshot; --resume continues after it. "
+                       "--append adds a file of corrections to an existing store (a running `memoir serve` of the "
+                       "store picks up the new version). One writer per store at a time (a lock in the store).")
     p.add_argument("--model", help="'default' (embedded SmolLM2-135M, the default for a new store) or a local HF "
                    "model directory; with --resume, the snapshot's model unless given")
     p.add_argument("--edits", required=True, help="JSON list, JSONL or Parquet: prompt/target (or ZsRE src/alt)")
     p.add_argument("--out", required=True, help="snapshot store directory")
     p.add_argument("--resume", action="store_true", help="continue from the newest snapshot in --out")
+    p.add_argument("--append", action="store_true", help="add this file's edits to the existing store --out, with "
+                   "its settings; edits it already holds (same prompt, target, subject) are reported and skipped")
+    p.add_argument("--wait", action="store_true", help="if another writer holds the store, wait for it instead of "
+                   "failing at once")
     p.add_argument("--checkpoint-every", type=int, default=50, help="snapshot every N edits (default 50)")
     p.add_argument("--limit", type=int, help="edit only the first N records")
     p.add_argument("--background", help="text file of unrelated prompts (one per line) for the background mean")
@@ -154,7 +162,7 @@ def cmd_snapshot_disable(args: argparse.Namespace) -> int:
     for edit_id in args.edit_ids:
         snap.state.set_active(edit_id, args.enable)
     root = resolve_version(args.snapshot).parent
-    out = save_snapshot(root, snap.state)
+    out = save_snapshot(root, snap.state, built_on=snap.path)
     state = "enabled" if args.enable else "disabled"
     print(f"{state} edits {args.edit_ids}: new version {out}")
     return 0
@@ -167,7 +175,7 @@ def cmd_snapshot_subject(args: argparse.Namespace) -> int:
     snap = load_snapshot(args.snapshot)
     before = snap.edits[snap.state.row_of(args.edit_id)].subject
     snap.state.set_subject(args.edit_id, as_aliases(args.aliases))
-    out = save_snapshot(resolve_version(args.snapshot).parent, snap.state)
+    out = save_snapshot(resolve_version(args.snapshot).parent, snap.state, built_on=snap.path)
     print(f"edit {args.edit_id}: subject {list(before)} -> {list(as_aliases(args.aliases))}: new version {out}")
     return 0
 

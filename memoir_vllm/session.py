@@ -81,6 +81,7 @@ class Memoir:
         self.editor = SequentialEditor(model, tok, state.memory, state.config, state.templates)
         self.layer = self.editor.layer
         self.parent = parent
+        self.built_on: Path | None = parent.path if parent is not None else None  # the version saves build on
 
     @property
     def memory(self) -> ResidualMemory:
@@ -248,6 +249,11 @@ class Memoir:
         return dict(self.state.model)
 
     def save(self, root: str | Path, keep: int = 3) -> Path:
-        """Write the memory and its edits as the next version of the snapshot store at root."""
-        return save_snapshot(root, self.state, keep=keep)
+        """Write the memory and its edits as the next version of the snapshot store at root.
+
+        Refused (SnapshotError) when this memory came from root and another writer saved there since, and
+        (StoreLockedError) while another process holds root's write lock (memoir_vllm.store_lock).
+        """
+        self.built_on = save_snapshot(root, self.state, keep=keep, built_on=self.built_on)
+        return self.built_on
 

@@ -33,6 +33,7 @@ from .atomic import TMP_PREFIX, atomic_dir, sha256_file, write_text_atomic
 from .config import MemoirConfig
 from .memory import ResidualMemory
 from .state import EditRecord, MemoryState
+from .store_lock import write_lock
 
 __all__ = ["EditRecord", "MemoryState", "Snapshot", "SnapshotError", "save_snapshot", "load_snapshot",
            "resolve_version", "latest_version", "read_manifest", "check_model", "snapshot_info"]
@@ -105,12 +106,19 @@ def latest_version(root: str | Path) -> Path | None:
 # -- save --------------------------------------------------------------------------------------
 
 
-def save_snapshot(root: str | Path, state: MemoryState, keep: int = 3, extra: dict[str, Any] | None = None) -> Path:
+def save_snapshot(root: str | Path, state: MemoryState, keep: int = 3, extra: dict[str, Any] | None = None,
+                  built_on: Path | None = None) -> Path:
     """Write `state` as the next version of the store at `root`; returns the version directory.
 
-    keep: how many versions to keep (older ones are removed after the new LATEST is in place).
+    keep: how many versions to keep, at least 2 (older ones are removed after the new LATEST is in place; the
+      previous version stays for a server that is still loading it).
     extra: more manifest fields (e.g. a Ray job's merge provenance).
+    built_on: the version `state` was loaded from; when it lies in `root`, the save is refused if another writer
+      moved LATEST since (its edits would be lost).
+    The store's write lock (memoir_vllm.store_lock) is held for the write: taken here unless this process holds it.
     """
+    if keep < 2:
+        raise ValueError(f"keep={keep}: keep at least 2 versions (a server may still be loading the previous one)")
     state.check()
     memory, config = state.memory, state.config
     root = Path(root).expanduser()
@@ -121,7 +129,19 @@ def save_snapshot(root: str | Path, state: MemoryState, keep: int = 3, extra: di
         probe.unlink()
     except OSError as e:
         raise SnapshotError(f"cannot write snapshots to {root}: {e.strerror}. Choose a writable --out directory") from e
+    with write_lock(root):
+        return _save_locked(root, state, keep, extra, built_on)
+
+
+def _save_locked(root: Path, state: MemoryState, keep: int, extra: dict[str, Any] | None,
+                 built_on: Path | None) -> Path:
+    memory, config = state.memory, state.config
     parent = latest_version(root)
+    if built_on is not None and Path(built_on).resolve().parent == root.resolve() and (
+            parent is None or parent.resolve() != Path(built_on).resolve()):
+        raise SnapshotError(f"{root} moved on since this memory was loaded from {Path(built_on).name} (LATEST is "
+                            f"{parent.name if parent else 'gone'}): another writer saved; load the newest version "
+                            "and apply the change again")
     version = (json.loads((parent / MANIFEST).read_text())["version"] + 1) if parent else 1
     name = f"v{version:06d}"
     final = root / name

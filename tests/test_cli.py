@@ -85,7 +85,7 @@ def test_existing_store_needs_resume(tiny_model_dir, tmp_path, capsys):
     out = tmp_path / "s"
     assert main(["edit", "--model", str(tiny_model_dir), "--edits", str(edits), "--out", str(out), "--n-iter", "2"]) == 0
     assert main(["edit", "--model", str(tiny_model_dir), "--edits", str(edits), "--out", str(out)]) == 2
-    assert "pass --resume" in capsys.readouterr().err
+    assert "pass --append" in capsys.readouterr().err
     other = write_edits(tmp_path / "o.jsonl", 3)
     other.write_text(other.read_text().replace("vault 0", "vault X"))
     assert main(["edit", "--edits", str(other), "--out", str(out), "--resume"]) == 2
