@@ -131,3 +131,31 @@ def test_last_token_feature_and_shards_route_like_the_transformers_path():
     o3 = step(router, "last", [("H", 0, 5, 5, False)], hybrid, {"H"})
     assert torch.allclose(o3, reference(mem, p["C"], hybrid), atol=1e-5) and o3.abs().sum() > 0
     attachment.remove("last")
+
+
+def test_a_swapped_memory_serves_new_requests_while_requests_in_flight_keep_theirs():
+    torch.manual_seed(3)
+    p = {name: torch.randn(n, D) for name, n in (("A", 5), ("B", 6), ("N", 4))}
+    old = make_memory({"A": p["A"]})
+    new = make_memory({"A": p["A"], "N": p["N"]})  # the store's next version: A's row kept, N appended
+    with torch.no_grad():
+        new.weight.normal_(0, 0.5)  # the new edit's training moved W_m
+    router = Router(old, max_reqs=4, max_tokens=32, dtype=torch.float32, device=torch.device("cpu"))
+    attachment.standalone("swap", router)
+    live = {"A", "B"}
+    # A routed under the old memory; B has read the first 4 of its 6 prompt tokens
+    step(router, "swap", [("A", 0, 5, 5, False), ("B", 0, 4, 6, False)], torch.cat([p["A"], p["B"][:4]]), live)
+    router.swap(new)
+    assert router.old_memories and router.gen == 1
+    # A decodes with the old W_m; B completes its prompt and decides with the new memory; N arrives new
+    a2, n_acts = torch.randn(1, D), p["N"]
+    live = {"A", "B", "N"}
+    o = step(router, "swap", [("A", 5, 1, 5, False), ("B", 4, 2, 6, False), ("N", 0, 4, 4, False)],
+             torch.cat([a2, p["B"][4:], n_acts]), live)
+    assert torch.allclose(o[:1], reference(old, p["A"], a2), atol=1e-5)
+    assert not torch.allclose(o[:1], reference(new, p["A"], a2), atol=1e-3)
+    assert torch.allclose(o[1:3], reference(new, p["B"], p["B"][4:]), atol=1e-5)
+    assert torch.allclose(o[3:], reference(new, p["N"], n_acts), atol=1e-5) and o[3:].abs().sum() > 0
+    # once A finishes, the old memory is let go
+    step(router, "swap", [("N", 4, 1, 4, False)], torch.randn(1, D), {"N"})
+    assert router.old_memories == {}

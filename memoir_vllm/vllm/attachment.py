@@ -32,6 +32,7 @@ class Attachment:
     snapshot: str = ""  # the loaded snapshot version directory
     runner: Any = None  # weakref to the model runner that serves it (None: driven by hand, see standalone)
     enabled: bool = True  # False: no routing runs, every token gets the base output
+    follower: Any = None  # follow.StoreFollower when a store (not a pinned version) is served
 
     @property
     def memory(self) -> ResidualMemory:

@@ -44,7 +44,11 @@ def memory_term(a: torch.Tensor, out: torch.Tensor, name: str) -> None:
     if not plan.need_memory:
         return
     rows = router.slot_row[slot_x]  # [T]
-    delta = router.memory.memory_term(a, router.slot_mask[slot_x], router.slot_shard[slot_x])  # [T, d_model]
+    mask, shard = router.slot_mask[slot_x], router.slot_shard[slot_x]
+    delta = router.memory.memory_term(a, mask, shard)  # [T, d_model]
+    for gen, memory in plan.old:  # requests routed before a swap (follow.py) finish with their memory
+        mine = (router.tok_gen[:t] == gen).unsqueeze(1)
+        delta = torch.where(mine, memory.memory_term(a, mask, shard), delta)
     out.copy_(torch.where((rows >= 0).unsqueeze(1), out + delta.to(out.dtype), out))
 
 

@@ -22,6 +22,10 @@ What a served request gets (the semantics, precisely):
   and is remembered per prompt. A request that starts from cached blocks reuses that decision.
   (Shared system prompts are therefore not shared across different prompts: their KV at layers
   after L depends on the routing.)
+- A store (MEMOIR_SNAPSHOT=STORE) is followed: when its LATEST moves, the new version is loaded in a
+  thread and swapped in between steps (follow.py); requests in flight finish with the memory they were
+  routed with, new ones use the new version, whose number is in the prefix-cache salt. A version
+  directory is pinned.
 - Unmatched and opted-out requests (SamplingParams.extra_args={"memoir": False}; over HTTP
   `vllm_xargs`) get exactly the base layer output (torch.where, no added zeros).
 - Model Runner V2 is not supported: with a snapshot, register() sets VLLM_USE_V2_MODEL_RUNNER=0
@@ -39,6 +43,7 @@ log = logging.getLogger(__name__)
 _REGISTERED = False
 _SALT_ACTIVE = False  # set in an engine core whose scheduler was built with a snapshot configured
 _HASH_CACHE: dict[str, str] = {}
+_SERVED_VERSION = ""  # the version the workers of this process serve (salted into new requests' block hashes)
 
 
 def register() -> None:
@@ -117,7 +122,7 @@ def _salt(request: Any) -> str | None:
     if ids is None:
         return None
     key = shim.request_key(ids, shim.opted_out(params)).hex()
-    return f"memoir:{key}" + (f":{user_salt}" if user_salt else "")
+    return f"memoir:{_SERVED_VERSION}:{key}" + (f":{user_salt}" if user_salt else "")
 
 
 # -- compile cache salt ----------------------------------------------------------------------------
@@ -169,17 +174,50 @@ def _loaded_for(runner: Any, path: str):
     return snap
 
 
+def _serving_memory(runner: Any, path: str, like=None):
+    """(snapshot, its memory ready to serve on this runner: device, dtype, encoder vectors). `like`: the
+    attached memory, which a replacement must match (module, dimensions)."""
+    from . import attachment, shim
+
+    snap = _loaded_for(runner, path)
+    if like is not None:
+        if snap.manifest["module"] != like.name:
+            raise ValueError(f"memoir: the new snapshot edits {snap.manifest['module']}, the attached one {like.name}")
+        if (snap.memory.d_model, snap.memory.d_inner) != (like.memory.d_model, like.memory.d_inner):
+            raise ValueError("memoir: the new snapshot has other dimensions than the attached one")
+    dtype, device = shim.runner_dtype_device(runner)
+    memory = attachment.for_serving(snap.memory, device, dtype)
+    if memory.rule == "subject" and memory.subject_check == "encoder":
+        from ..encoder import sentence_encoder
+
+        sentence_encoder()  # loaded once per worker, not at the first request that names a subject
+        memory.fill_vectors()
+    return snap, memory
+
+
+def _swap(att: Any, path: str, memory: Any) -> None:
+    """Serve `memory` (version `path`) from the next step: Router.swap, the salt, the log line."""
+    global _SERVED_VERSION
+    before = att.snapshot
+    att.router.swap(memory)
+    att.snapshot = str(path)
+    _SERVED_VERSION = os.path.basename(str(path))
+    log.info("memoir: now serving %s (was %s): %d edits, %d active", path, before, memory.n_edits,
+             memory.index.n_active)
+
+
 def attach_snapshot(runner: Any, path: str) -> None:
     """Load a snapshot, check it against the served model, and wrap its layer's down_proj."""
     from ..hf import get_module
     from . import attachment, shim
+    from .follow import StoreFollower, follows
     from .layer import MemoirDownProj
     from .routing import Router
 
     if shim.cuda_graphs_enabled(runner):
         raise RuntimeError("memoir on GPU runs without CUDA graphs for now (the per-step routing state would be "
                            "frozen into captured graphs): pass enforce_eager=True / --enforce-eager")
-    snap = _loaded_for(runner, path)
+    snap, memory = _serving_memory(runner, path)
     module_path = snap.manifest["module"]
     parent_path, child = module_path.rsplit(".", 1)
     try:
@@ -195,18 +233,18 @@ def attach_snapshot(runner: Any, path: str) -> None:
                            f"expects {snap.memory.d_inner} -> {snap.memory.d_model}; tensor parallelism is not "
                            "supported (use tensor_parallel_size=1)")
     dtype, device = shim.runner_dtype_device(runner)
-    memory = attachment.for_serving(snap.memory, device, dtype)
-    if memory.rule == "subject" and memory.subject_check == "encoder":
-        from ..encoder import sentence_encoder
-
-        sentence_encoder()  # loaded once per worker now, not at the first request that names a subject
-        memory.fill_vectors()
     router = Router(memory, *shim.runner_limits(runner), dtype, device,
                     text_of=shim.detokenizer(runner) if memory.rule == "subject" else None)
     wrapped = MemoirDownProj(base, module_path)
     setattr(parent, child, wrapped)
-    attachment.register(attachment.Attachment(module_path, router, parent, child, wrapped, base, str(snap.path),
-                                              attachment.runner_ref(runner)))
+    att = attachment.Attachment(module_path, router, parent, child, wrapped, base, str(snap.path),
+                                attachment.runner_ref(runner))
+    global _SERVED_VERSION
+    _SERVED_VERSION = snap.path.name
+    if follows(path):
+        att.follower = StoreFollower(path, str(snap.path), lambda v: _serving_memory(runner, v, att)[1])
+        log.info("memoir: following %s (a new LATEST is loaded and served without a restart)", path)
+    attachment.register(att)
     log.info("memoir: %s attached at %s (%d edits, %d active, %s rule, threshold %.3f)", snap.path, module_path,
              memory.n_edits, memory.index.n_active, memory.rule, memory.threshold)
 
@@ -225,6 +263,10 @@ def _after_prepare(runner: Any, scheduler_output: Any, num_scheduled_tokens: Any
     att = attachment.of_runner(runner)
     if att is None or not att.enabled:
         return
+    if att.follower is not None:
+        ready = att.follower.take()
+        if ready is not None:  # before admitting this step's new requests: they route with the new version
+            _swap(att, ready.path, ready.memory)
     router = att.router
     view = shim.batch_view(runner, num_scheduled_tokens, router.keys, router.admit)
     router.prepare(view.req_ids, view.num_computed, view.num_scheduled, view.num_prompt, view.opted_out,
@@ -271,8 +313,10 @@ class MemoirWorkerExtension:
         """Snapshot path, edit counts and tau of the attached memory."""
         att = self._memoir_attachment()
         r = att.router
+        follow = att.follower.counts if att.follower is not None else {}
         return {"snapshot": att.snapshot, "n_edits": r.memory.n_edits, "n_active": r.memory.index.n_active,
-                "tau": r.memory.threshold, "routing": r.memory.rule, "live_requests": len(r.states), **r.counts}
+                "tau": r.memory.threshold, "routing": r.memory.rule, "live_requests": len(r.states),
+                "following": att.follower is not None, **r.counts, **follow}
 
     def memoir_set_tau(self, tau: float) -> float:
         r = self._memoir_attachment().router
@@ -287,9 +331,9 @@ class MemoirWorkerExtension:
         return r.memory.index.n_active
 
     def memoir_load_snapshot(self, path: str) -> dict:
-        """Replace the attached memory by another snapshot for the same model and layer (best while idle:
-        requests in flight finish on the base model). An eager engine started without a snapshot
-        attaches this one now; a compiled one cannot (its graph has no memoir op)."""
+        """Replace the attached memory by another snapshot for the same model and layer from the next step
+        (requests in flight finish with the memory they were routed with; Router.swap). An eager engine
+        started without a snapshot attaches this one now; a compiled one cannot (its graph has no memoir op)."""
         from . import attachment, shim
 
         if attachment.of_runner(self.model_runner) is None:
@@ -299,14 +343,6 @@ class MemoirWorkerExtension:
             attach_snapshot(self.model_runner, path)
             return self.memoir_info()
         att = self._memoir_attachment()
-        r = att.router
-        snap = _loaded_for(self.model_runner, path)
-        if snap.manifest["module"] != att.name:
-            raise ValueError(f"memoir: the new snapshot edits {snap.manifest['module']}, the attached one {att.name}")
-        if (snap.memory.d_model, snap.memory.d_inner) != (r.memory.d_model, r.memory.d_inner):
-            raise ValueError("memoir: the new snapshot has other dimensions than the attached one")
-        r.detach_requests()  # requests in flight (if any) finish on the base model
-        r.memory = attachment.for_serving(snap.memory, r.device, r.dtype)
-        r.clear_decisions()
-        att.snapshot = str(snap.path)
+        snap, memory = _serving_memory(self.model_runner, path, att)
+        _swap(att, str(snap.path), memory)
         return self.memoir_info()

@@ -57,6 +57,7 @@ class RequestState:
     n_prompt_seen: int = 0  # prompt tokens accumulated into the feature
     next_pos: int = 0  # where the next prompt chunk should start (a restart means preemption)
     pending_readback: bool = False
+    gen: int = 0  # the memory generation it is routed with (Router.swap)
 
 
 @dataclass
@@ -67,6 +68,7 @@ class StepPlan:
     need_acc: bool = False  # some token of this step is a prompt token of an undecided request
     n_decide: int = 0  # slots decided in this step's forward (dec_slots[:n_decide])
     need_memory: bool = False  # some token of this step may get the memory term
+    old: tuple = ()  # (generation, memory) of requests routed before a swap, whose tokens are marked in tok_gen
 
 
 class Router:
@@ -98,6 +100,9 @@ class Router:
         self.dec_last = torch.zeros(max_reqs, dtype=torch.int64, device=device)  # [R_max]
         self._tok_slot_host = torch.full((max_tokens,), NO_MEMORY, dtype=torch.int64)  # staging
         self._tok_prompt_host = torch.zeros(max_tokens, dtype=torch.bool)
+        self.gen = 0  # generation of self.memory; swap() makes a new one
+        self.old_memories: dict[int, ResidualMemory] = {}  # older generations still used by requests in flight
+        self.tok_gen = torch.zeros(max_tokens, dtype=torch.int64, device=device)  # [T_max] only while old ones live
         self._grow(max(2 * max_reqs, 8), d)
         self.states: dict[str, RequestState] = {}
         self.keys: dict[str, bytes] = {}
@@ -138,7 +143,7 @@ class Router:
         """A free slot for a new request (its device rows are clean: see _release); host work only."""
         if not self.free:
             self._grow(2 * self.n_slots, self.memory.d_inner)
-        st = RequestState(self.free.pop(), key)
+        st = RequestState(self.free.pop(), key, gen=self.gen)
         self.states[rid] = st
         return st
 
@@ -158,6 +163,9 @@ class Router:
         self.slot_mask[idx] = 0
         self.acc[idx] = 0
         self.free.extend(slots)
+        live_gens = {st.gen for st in self.states.values()}
+        for g in [g for g in self.old_memories if g not in live_gens]:
+            del self.old_memories[g]  # its last request finished
 
     def admit(self, rid: str, prompt_ids: list[int]) -> None:
         """A new request: its routing span (ResidualMemory.routing_span: the last user message's content in a
@@ -194,12 +202,26 @@ class Router:
         """Forget cached per-prompt decisions (after tau, edits or the snapshot changed)."""
         self.decisions.clear()
 
-    def detach_requests(self) -> None:
-        """Serve every request the router knows of with the base model from now on (after the memory
-        was replaced, their decisions name rows of the old index)."""
+    def swap(self, memory: ResidualMemory) -> None:
+        """Serve `memory` from the next step (outside any forward). Requests already routed (or deciding in the
+        forward just run) finish with the memory they were routed with, kept as an older generation until
+        they end; requests still reading their prompt decide with the new one. Their candidate rows stay
+        valid when the new memory extends the old (a store's next version appends rows); otherwise they are
+        dropped, and those requests get the base model."""
+        old, self.memory = self.memory, memory
+        appended = memory.n_edits >= old.n_edits and memory.d_inner == old.d_inner
+        keep_old = False
         for st in self.states.values():
-            self._set_decided(st, NO_MEMORY)
-            st.pending_readback = False
+            if st.decided or st.pending_readback:
+                keep_old |= st.gen == self.gen and (st.pending_readback or st.row >= 0)
+            else:
+                st.gen = self.gen + 1
+                if not appended:
+                    self.slot_cand[st.slot] = NO_MEMORY
+        if keep_old:
+            self.old_memories[self.gen] = old
+        self.gen += 1
+        self.clear_decisions()
 
     # -- per step ----------------------------------------------------------------------------------
 
@@ -238,6 +260,7 @@ class Router:
         fresh: list[int] = []  # new slots left undecided by the host: UNDECIDED until their forward decides
         new_cands: list[tuple[int, list[tuple[int, float | None]]]] = []  # (slot, candidates) of new requests
         need_memory = False
+        gens = np.full(n, self.gen, dtype=np.int64)  # [R] memory generation of each request
         for i, rid in enumerate(req_ids):
             st = self.states.get(rid)
             start, count, plen = int(num_computed[i]), int(num_scheduled[i]), int(num_prompt[i])
@@ -263,6 +286,7 @@ class Router:
                 if not st.decided:
                     fresh.append(st.slot)
             slots[i] = st.slot
+            gens[i] = st.gen
             if start < st.next_pos:  # preempted, now recomputed from its start (or from cached blocks)
                 self.counts["recomputed"] += 1
             if not st.decided and not st.pending_readback:
@@ -307,7 +331,11 @@ class Router:
             self.n_prompt[dec.to(self.device)] = torch.tensor(decide_n, device=self.device)
             self.dec_slots[: len(decide)].copy_(dec, non_blocking=True)
             self.dec_last[: len(decide)].copy_(torch.tensor(decide_last, dtype=torch.int64), non_blocking=True)
-        self.plan = StepPlan(armed=True, need_acc=bool(undecided.any()), n_decide=len(decide), need_memory=need_memory)
+        old = tuple((g, self.old_memories[g]) for g in sorted(set(gens.tolist()) - {self.gen}) if g in self.old_memories)
+        if old:  # requests routed before a swap: their tokens use their generation's W_m
+            self.tok_gen[:total].copy_(torch.from_numpy(np.repeat(gens, num_scheduled[:n])))
+        self.plan = StepPlan(armed=True, need_acc=bool(undecided.any()), n_decide=len(decide), need_memory=need_memory,
+                             old=old)
 
 
 def _aranges(counts: np.ndarray) -> np.ndarray:

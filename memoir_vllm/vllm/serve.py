@@ -1,5 +1,6 @@
 """`memoir serve --snapshot SNAP [vLLM options]`: vLLM's OpenAI server with the memoir plugin active.
 
+A store is followed (memoir_vllm/vllm/follow.py), a version directory pinned.
 Checks before anything starts (each failure names the problem and the fix):
 - vLLM is the pinned version (the plugin hooks private interfaces);
 - the snapshot loads and was made for the served model (config hash) and a module it has.
@@ -86,9 +87,13 @@ def serve(snapshot: str, model: str | None = None, kv_cache_gib: int = 1, vllm_a
     from . import shim
 
     shim.check_version()
+    from ..snapshot import LATEST
+
     snap_dir, model_dir = check_snapshot_for_model(snapshot, model)
+    store = Path(snapshot).expanduser()
+    served = store.resolve() if (store / LATEST).is_file() else snap_dir  # a store is followed, a version pinned
     cmd = server_command(model_dir, vllm_args or [], compile)
-    env = server_env(snap_dir, kv_cache_gib)
+    env = server_env(served, kv_cache_gib)
     log.info("serving %s with snapshot %s: %s", model_dir, snap_dir, " ".join(cmd))
     if dry_run:
         return cmd
@@ -111,7 +116,8 @@ def add_serve(sub) -> None:
                        "attached to the snapshot's layer. Options after the memoir ones go to vLLM unchanged, e.g. "
                        "`memoir serve --snapshot runs/demo --port 8000 --max-model-len 1024`. Requests opt out with "
                        "vllm_xargs {\"memoir\": false}.")
-    p.add_argument("--snapshot", required=True, help="snapshot store or version directory")
+    p.add_argument("--snapshot", required=True, help="snapshot store (followed: a new version written there, e.g. by "
+                   "`memoir edit --append`, is served without a restart) or a version directory (pinned)")
     p.add_argument("--model", help="model directory (default: the one recorded in the snapshot)")
     p.add_argument("--kv-cache-gib", type=int, default=1, help="CPU only: VLLM_CPU_KVCACHE_SPACE if unset (default 1)")
     p.add_argument("--compile", action="store_true", help="CPU: let vLLM torch.compile the model (tested; "
