@@ -70,7 +70,7 @@ def test_a_snapshot_version_honours_the_umask(tmp_path, umask_022):
 
     memory = ResidualMemory(d_model=8, d_inner=16, k=4)
     version = save_snapshot(tmp_path, MemoryState(memory, [], MemoirConfig(), [], {"name": "toy"}, "mlp"))
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["LATEST", "v000001"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == [".write.holder", ".write.lock", "LATEST", "v000001"]
     assert {p.name: mode(p) for p in version.iterdir()} == {
         "manifest.json": 0o644, "memory.safetensors": 0o644, "edits.parquet": 0o644}
     assert mode(tmp_path / "LATEST") == 0o644 and load_snapshot(tmp_path).memory.n_edits == 0

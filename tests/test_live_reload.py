@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import json
 import shutil
+import urllib.error
+import urllib.request
 import subprocess
 import sys
 import threading
@@ -26,6 +28,21 @@ CORRECTION = ("The author of the Harry Potter books is", "Stephen King")
 STEADY = "Water boils at a temperature of"
 
 
+KEY = "sekrit"
+
+
+def call(srv: ServerProcess, path: str, body: dict | None = None, key: str | None = KEY) -> tuple[int, str]:
+    """(status, body text) of GET (or POST with a JSON body) on the server."""
+    req = urllib.request.Request(srv.url + path, data=json.dumps(body).encode() if body is not None else None,
+                                 headers={"Content-Type": "application/json",
+                                          **({"Authorization": f"Bearer {key}"} if key else {})})
+    try:
+        with urllib.request.urlopen(req, timeout=60) as r:
+            return r.status, r.read().decode()
+    except urllib.error.HTTPError as e:
+        return e.code, e.read().decode()
+
+
 def complete(client, prompt: str, max_tokens: int = 6) -> str:
     return client.completions.create(model="memoir", prompt=prompt, max_tokens=max_tokens, temperature=0).choices[0].text
 
@@ -41,10 +58,13 @@ def test_a_served_store_takes_an_appended_correction_without_a_restart(default_m
     store = m.save(tmp_path / "store").parent
     fixes = tmp_path / "fixes.jsonl"
     fixes.write_text(json.dumps({"prompt": CORRECTION[0], "target": CORRECTION[1]}) + "\n")
-    srv = ServerProcess(store, ["--max-model-len", "256", "--max-num-seqs", "4"], log_path=tmp_path / "serve.log",
-                        env=_env())
+    srv = ServerProcess(store, ["--max-model-len", "256", "--max-num-seqs", "4", "--api-key", KEY],
+                        log_path=tmp_path / "serve.log", env=_env())
     with srv:
-        client = openai.OpenAI(base_url=srv.url + "/v1", api_key="none", max_retries=0)
+        client = openai.OpenAI(base_url=srv.url + "/v1", api_key=KEY, max_retries=0)
+        assert call(srv, "/memoir/info", key=None)[0] == 401
+        status, text = call(srv, "/memoir/info")
+        assert status == 200 and json.loads(text)["workers"][0]["version"] == 1
         before = complete(client, CORRECTION[0])
         assert "Stephen King" not in before
         assert complete(client, FIRST[0]).startswith(" Melbourne")
@@ -77,6 +97,15 @@ def test_a_served_store_takes_an_appended_correction_without_a_restart(default_m
         want = fixed.tok.decode(hf_tokens(fixed, [CORRECTION[0]], [6])[0])
         assert complete(client, CORRECTION[0]) == want
         assert complete(client, FIRST[0]).startswith(" Melbourne")  # the first edit still answers
+        info = json.loads(call(srv, "/memoir/info")[1])["workers"][0]
+        assert (info["version"], info["n_edits"], info["reloads"], info["following"]) == (2, 2, 1, True)
+        metrics = call(srv, "/metrics", key=None)[1]
+        assert "memoir_reloads_total 1" in metrics and "memoir_version 2" in metrics and "vllm:" in metrics
+        # an explicit reload: a path that is no snapshot is refused; the store itself reloads
+        status, text = call(srv, "/memoir/reload", {"snapshot": str(tmp_path / "nowhere")})
+        assert status == 400 and "not a memoir store" in text
+        status, text = call(srv, "/memoir/reload", {})
+        assert status == 200 and json.loads(text)["workers"][0]["version"] == 2
 
         # a version that fails its checksum is refused; the last good one keeps serving
         bad = store / "v000009"

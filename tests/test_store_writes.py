@@ -1,7 +1,5 @@
-"""Writers of a snapshot store: `memoir edit --append`, one writer at a time, no lost update, file modes."""
+"""Writers of a snapshot store: `memoir edit --append`, one writer at a time, no lost update."""
 import json
-import os
-import stat
 import subprocess
 import sys
 import time
@@ -105,9 +103,3 @@ def test_a_save_built_on_an_old_version_is_refused(tiny_model_dir, store):
     with pytest.raises(ValueError, match="keep at least 2"):
         a.save(store, keep=1)
 
-
-def test_snapshot_files_share_one_mode_from_the_umask(store):
-    modes = {f.name: stat.S_IMODE(os.stat(f).st_mode) for f in latest_version(store).iterdir()}
-    umask = os.umask(0)
-    os.umask(umask)
-    assert set(modes.values()) == {0o666 & ~umask}, modes

@@ -12,6 +12,7 @@ import socket
 import subprocess
 import sys
 import time
+import urllib.error
 import urllib.request
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -345,6 +346,11 @@ def test_http_server_concurrent_requests(served, default_model_dir, tmp_path):
 
         with ThreadPoolExecutor(4) as pool:
             texts = list(pool.map(ask, range(4)))
+        try:  # memoir's HTTP routes are off on a server without an API key
+            urllib.request.urlopen(f"http://127.0.0.1:{port}/memoir/info", timeout=10)
+            raise AssertionError("/memoir/info answered without an API key configured")
+        except urllib.error.HTTPError as e:
+            assert e.code == 404 and "--api-key" in e.read().decode()
         want = [m.tok.decode(t) for t in hf_tokens(m, prompts[:3], [8] * 3)]
         want.append(m.tok.decode(hf_tokens(m, prompts[3:], [8], use_memory=False)[0]))
         assert texts == want

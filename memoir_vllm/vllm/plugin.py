@@ -314,7 +314,8 @@ class MemoirWorkerExtension:
         att = self._memoir_attachment()
         r = att.router
         follow = att.follower.counts if att.follower is not None else {}
-        return {"snapshot": att.snapshot, "n_edits": r.memory.n_edits, "n_active": r.memory.index.n_active,
+        name = os.path.basename(att.snapshot)
+        return {"snapshot": att.snapshot, "version": int(name[1:]) if name[1:].isdigit() else 0, "n_edits": r.memory.n_edits, "n_active": r.memory.index.n_active,
                 "tau": r.memory.threshold, "routing": r.memory.rule, "live_requests": len(r.states),
                 "following": att.follower is not None, **r.counts, **follow}
 
@@ -345,4 +346,24 @@ class MemoirWorkerExtension:
         att = self._memoir_attachment()
         snap, memory = _serving_memory(self.model_runner, path, att)
         _swap(att, str(snap.path), memory)
+        return self.memoir_info()
+
+    def memoir_reload(self, path: str | None = None) -> dict:
+        """Load now (POST /memoir/reload): `path` (a store, then followed; a version, then pinned), or with None the
+        followed store's LATEST. Same swap as memoir_load_snapshot."""
+        from .follow import StoreFollower, follows
+
+        att = self._memoir_attachment()
+        if path is None:
+            if att.follower is None:
+                raise ValueError("this server serves a pinned version: name the snapshot to load "
+                                 '({"snapshot": "/path/to/store"})')
+            path = str(att.follower.store)
+        info = self.memoir_load_snapshot(path)
+        if att.follower is not None:
+            att.follower.stop()
+            att.follower = None
+        if follows(path):
+            runner = self.model_runner
+            att.follower = StoreFollower(path, att.snapshot, lambda v: _serving_memory(runner, v, att)[1])
         return self.memoir_info()

@@ -22,6 +22,7 @@ from pathlib import Path
 log = logging.getLogger(__name__)
 
 EXTENSION = "memoir_vllm.vllm.plugin.MemoirWorkerExtension"
+ROUTES = "memoir_vllm.vllm.http.memoir_routes"
 
 
 def check_snapshot_for_model(snapshot: str | Path, model: str | None) -> tuple[Path, Path]:
@@ -51,6 +52,7 @@ def server_command(model_dir: Path, vllm_args: list[str], compile: bool = False)
         cmd += ["--dtype", "float32"]
     if not any(a.startswith("--worker-extension-cls") for a in args):
         cmd += ["--worker-extension-cls", EXTENSION]
+    cmd += ["--middleware", ROUTES]  # /memoir/info, /memoir/reload, memoir lines on /metrics (http.py)
     if (_has_cuda() or not compile) and "--enforce-eager" not in args:
         # GPU: no CUDA graphs (see memoir_vllm.vllm.plugin); CPU: compiling starts ~4x slower for 3-8% more
         # throughput (README, measured), so eager unless asked
