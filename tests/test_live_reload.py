@@ -91,7 +91,7 @@ def test_a_served_store_takes_an_appended_correction_without_a_restart(default_m
             stop.set()
             load.join()
         assert failures == [] and len(set(answered)) == 1, (failures, set(answered))
-        assert "now serving" in srv.tail(20000) and "v000002" in srv.tail(20000)
+        assert "now serving" in srv.tail(20000) and "answered by edit 1 of v000002" in srv.tail(20000)
         # the served answer is the transformers path's on the new version
         fixed = Memoir.from_snapshot(store)
         want = fixed.tok.decode(hf_tokens(fixed, [CORRECTION[0]], [6])[0])

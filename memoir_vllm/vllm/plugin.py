@@ -200,6 +200,7 @@ def _swap(att: Any, path: str, memory: Any) -> None:
     global _SERVED_VERSION
     before = att.snapshot
     att.router.swap(memory)
+    att.router.version = os.path.basename(str(path))
     att.snapshot = str(path)
     _SERVED_VERSION = os.path.basename(str(path))
     log.info("memoir: now serving %s (was %s): %d edits, %d active", path, before, memory.n_edits,
@@ -240,7 +241,7 @@ def attach_snapshot(runner: Any, path: str) -> None:
     att = attachment.Attachment(module_path, router, parent, child, wrapped, base, str(snap.path),
                                 attachment.runner_ref(runner))
     global _SERVED_VERSION
-    _SERVED_VERSION = snap.path.name
+    _SERVED_VERSION = router.version = snap.path.name
     if follows(path):
         att.follower = StoreFollower(path, str(snap.path), lambda v: _serving_memory(runner, v, att)[1])
         log.info("memoir: following %s (a new LATEST is loaded and served without a restart)", path)

@@ -101,6 +101,7 @@ class Router:
         self._tok_slot_host = torch.full((max_tokens,), NO_MEMORY, dtype=torch.int64)  # staging
         self._tok_prompt_host = torch.zeros(max_tokens, dtype=torch.bool)
         self.gen = 0  # generation of self.memory; swap() makes a new one
+        self.version = ""  # the snapshot version of self.memory (for the log), set by the plugin
         self.old_memories: dict[int, ResidualMemory] = {}  # older generations still used by requests in flight
         self.tok_gen = torch.zeros(max_tokens, dtype=torch.int64, device=device)  # [T_max] only while old ones live
         self._grow(max(2 * max_reqs, 8), d)
@@ -227,17 +228,20 @@ class Router:
 
     def _read_back(self) -> None:
         """Host mirror of the decisions made inside the previous forward (outside any forward)."""
-        pending = [st for st in self.states.values() if st.pending_readback]
+        pending = [(rid, st) for rid, st in self.states.items() if st.pending_readback]
         if not pending:
             return
-        rows = self.slot_row[torch.tensor([st.slot for st in pending])].tolist()
-        for st, row in zip(pending, rows):
+        rows = self.slot_row[torch.tensor([st.slot for _, st in pending])].tolist()
+        for (rid, st), row in zip(pending, rows):
             if row == UNDECIDED:  # the step was prepared but its forward never ran: read the prompt again
                 st.pending_readback, st.n_prompt_seen = False, 0
                 self.acc[st.slot].zero_()
                 continue
             st.pending_readback, st.decided, st.row = False, True, int(row)
-            log.debug("memoir: decided row %d for slot %d", int(row), st.slot)
+            if row >= 0:  # which version and edit answer it (the server's log)
+                memory = self.memory if st.gen == self.gen else self.old_memories.get(st.gen, self.memory)
+                log.info("memoir: request %s answered by edit %d of %s", rid, int(memory.index.edit_ids[row]),
+                         self.version if st.gen == self.gen else f"generation {st.gen}")
             self._remember(st.key, int(row))
             self.counts["decided"] += 1
             self.counts["routed"] += int(row >= 0)
