@@ -144,7 +144,7 @@ def cmd_lm_eval(args: argparse.Namespace) -> int:
 def add_lm_eval(sub) -> None:
     p = sub.add_parser("lm-eval", help="run lm-eval with the memoir model type and the memoir task pack registered",
                        description="Passes every argument to lm-eval's CLI after registering the `memoir` model type "
-                       "and adding the repository's tasks/ to --include_path. Defaults: `run`, --model memoir. "
+                       "and adding the packaged task pack (memoir_eval/tasks) to --include_path. Defaults: `run`, --model memoir. "
                        "Example: memoir lm-eval --model_args snapshot=SNAP --tasks memoir_zsre --limit 10",
                        prefix_chars="+")  # so that lm-eval's own --flags pass through untouched
     p.add_argument("++threads", type=int, help="torch threads")
@@ -153,6 +153,23 @@ def add_lm_eval(sub) -> None:
 
 
 EVAL_SUBCOMMANDS.append(add_lm_eval)
+
+
+def cmd_tasks_path(args: argparse.Namespace) -> int:
+    from .lm_eval_entry import TASKS_DIR
+
+    print(TASKS_DIR)
+    return 0
+
+
+def add_tasks_path(sub) -> None:
+    p = sub.add_parser("tasks-path", help="print the directory of memoir's lm-eval task pack (for --include_path)",
+                       description="lm_eval --model vllm --model_args pretrained=M --tasks memoir_zsre_greedy "
+                       "--include_path $(memoir tasks-path)")
+    p.set_defaults(func=cmd_tasks_path)
+
+
+EVAL_SUBCOMMANDS.append(add_tasks_path)
 
 
 # -- calibrate -------------------------------------------------------------------------------------

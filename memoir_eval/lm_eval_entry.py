@@ -1,14 +1,14 @@
 """`memoir lm-eval`: lm-eval's CLI with the memoir model type registered and the task pack on the path.
 
 lm-eval 0.4.13 discovers neither external models (no entry-point scan) nor external tasks, so this
-entry registers `memoir` (idempotently) and appends the repository's tasks/ to --include_path.
+entry registers `memoir` (idempotently) and appends the packaged task pack (memoir_eval/tasks) to --include_path.
 """
 from __future__ import annotations
 
 import sys
 from pathlib import Path
 
-TASKS_DIR = Path(__file__).resolve().parents[1] / "tasks"
+TASKS_DIR = Path(__file__).resolve().parent / "tasks"  # the task pack ships with the package
 SUBCOMMANDS = ("run", "ls", "list", "validate")
 
 

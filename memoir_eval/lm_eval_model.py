@@ -1,7 +1,7 @@
 """The `memoir` model type for lm-eval: a transformers model plus a memoir snapshot.
 
     lm_eval --model memoir --model_args pretrained=DIR,snapshot=SNAP --tasks memoir_zsre --include_path tasks
-    memoir lm-eval --model_args snapshot=SNAP --tasks memoir_zsre          # registers the model and tasks/
+    memoir lm-eval --model_args snapshot=SNAP --tasks memoir_zsre          # registers the model and the task pack
 
 A subclass of lm-eval's HFLM. Each request is routed from its context (the prompt) only, as memoir
 routes a served request from its prompt:

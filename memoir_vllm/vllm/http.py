@@ -87,6 +87,9 @@ async def _reload(request: Request) -> Response:
             return JSONResponse({"error": f"snapshot {target!r} is not a memoir store or version directory on the "
                                           "server's filesystem"}, status_code=400)
     info = await _rpc(request, "memoir_reload", target)
+    # KV cached under the previous memory must not be reused (blocks are salted with the configured store's
+    # versions, which do not name another store's)
+    await request.app.state.engine_client.reset_prefix_cache()
     log.info("memoir: reload of %s requested over HTTP: %s", target or "the followed store", info[0].get("snapshot"))
     return JSONResponse({"workers": info})
 

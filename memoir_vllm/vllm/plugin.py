@@ -42,8 +42,9 @@ log = logging.getLogger(__name__)
 
 _REGISTERED = False
 _SALT_ACTIVE = False  # set in an engine core whose scheduler was built with a snapshot configured
+_SALT_PATH = ""  # that snapshot (a followed store or a pinned version)
+VERSION_ARG = "memoir_version"  # the version a request is served with, set by the engine core (extra_args)
 _HASH_CACHE: dict[str, str] = {}
-_SERVED_VERSION = ""  # the version the workers of this process serve (salted into new requests' block hashes)
 
 
 def register() -> None:
@@ -108,21 +109,29 @@ def _refuse_v2(runner: Any) -> None:
 def _scheduler_seen(vllm_config: Any) -> None:
     from . import shim
 
-    global _SALT_ACTIVE
-    _SALT_ACTIVE = shim.snapshot_of(vllm_config) is not None
+    global _SALT_ACTIVE, _SALT_PATH
+    path = shim.snapshot_of(vllm_config)
+    _SALT_ACTIVE, _SALT_PATH = path is not None, str(path or "")
 
 
 def _salt(request: Any) -> str | None:
-    """cache_salt of a request: its prompt identity (plus any user salt) when memoir is active."""
+    """cache_salt of a request: the snapshot version it will be served with and its prompt identity (plus any
+    user salt) when memoir is active. The version (a followed store's LATEST when the request arrives) also
+    goes to the workers in the request's extra_args, and a worker swaps to it before admitting the request,
+    so blocks hashed with a version hold KV computed with that version."""
     if not _SALT_ACTIVE:
         return None
     from . import shim
+    from .follow import version_of
 
     ids, params, user_salt = shim.engine_request_parts(request)
     if ids is None:
         return None
+    version = version_of(_SALT_PATH)
+    if params is not None:
+        params.extra_args = {**(params.extra_args or {}), VERSION_ARG: version}
     key = shim.request_key(ids, shim.opted_out(params)).hex()
-    return f"memoir:{_SERVED_VERSION}:{key}" + (f":{user_salt}" if user_salt else "")
+    return f"memoir:v{version}:{key}" + (f":{user_salt}" if user_salt else "")
 
 
 # -- compile cache salt ----------------------------------------------------------------------------
@@ -196,13 +205,11 @@ def _serving_memory(runner: Any, path: str, like=None):
 
 
 def _swap(att: Any, path: str, memory: Any) -> None:
-    """Serve `memory` (version `path`) from the next step: Router.swap, the salt, the log line."""
-    global _SERVED_VERSION
+    """Serve `memory` (version `path`) from the next step: Router.swap and the log line."""
     before = att.snapshot
     att.router.swap(memory)
     att.router.version = os.path.basename(str(path))
     att.snapshot = str(path)
-    _SERVED_VERSION = os.path.basename(str(path))
     log.info("memoir: now serving %s (was %s): %d edits, %d active", path, before, memory.n_edits,
              memory.index.n_active)
 
@@ -240,8 +247,7 @@ def attach_snapshot(runner: Any, path: str) -> None:
     setattr(parent, child, wrapped)
     att = attachment.Attachment(module_path, router, parent, child, wrapped, base, str(snap.path),
                                 attachment.runner_ref(runner))
-    global _SERVED_VERSION
-    _SERVED_VERSION = router.version = snap.path.name
+    router.version = snap.path.name
     if follows(path):
         att.follower = StoreFollower(path, str(snap.path), lambda v: _serving_memory(runner, v, att)[1])
         log.info("memoir: following %s (a new LATEST is loaded and served without a restart)", path)
@@ -265,8 +271,13 @@ def _after_prepare(runner: Any, scheduler_output: Any, num_scheduled_tokens: Any
     if att is None or not att.enabled:
         return
     if att.follower is not None:
-        ready = att.follower.take()
-        if ready is not None:  # before admitting this step's new requests: they route with the new version
+        # before admitting this step's new requests: the version the engine core salted them with, at least
+        salted_here = os.path.realpath(str(att.follower.store)) == os.path.realpath(
+            str(shim.snapshot_of(shim.runner_config(runner))))  # versions of this store (not one reloaded by hand)
+        wanted = max([int((p.extra_args or {}).get(VERSION_ARG, 0)) for p in shim.new_request_params(scheduler_output)
+                      if p is not None and salted_here] or [0])
+        ready = att.follower.take(wanted)
+        if ready is not None:
             _swap(att, ready.path, ready.memory)
     router = att.router
     view = shim.batch_view(runner, num_scheduled_tokens, router.keys, router.admit)

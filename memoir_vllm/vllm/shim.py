@@ -316,6 +316,11 @@ def patch_request_salt(salt: Callable[[Any], str | None]) -> None:
     _wrap("vllm.v1.request", "Request", "from_engine_core_request", make)
 
 
+def new_request_params(scheduler_output: Any) -> list[Any]:
+    """The sampling params of the requests new in this step (None for pooling requests)."""
+    return [r.sampling_params for r in getattr(scheduler_output, "scheduled_new_reqs", None) or []]
+
+
 def engine_request_parts(request: Any) -> tuple[list[int] | None, Any, str | None]:
     """(prompt token ids, sampling params, user cache_salt) of an EngineCoreRequest."""
     return request.prompt_token_ids, request.sampling_params, request.cache_salt
