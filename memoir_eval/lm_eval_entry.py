@@ -30,7 +30,8 @@ def lm_eval_argv(argv: list[str]) -> list[str]:
         argv += ["--model", "memoir"]
     if "--include_path" in argv:
         i = argv.index("--include_path") + 1
-        argv[i] = f"{argv[i]}:{TASKS_DIR}"
+        if TASKS_DIR.resolve() not in {Path(p).resolve() for p in argv[i].split(":") if p}:
+            argv[i] = f"{argv[i]}:{TASKS_DIR}"
     elif argv[0] != "run" or "--tasks" in argv or "-t" in argv:
         argv += ["--include_path", str(TASKS_DIR)]
     return argv

@@ -204,7 +204,7 @@ def test_pack_validates_offline(monkeypatch):
     monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
     tm = TaskManager(include_path=str(REPO / "memoir_eval" / "tasks"))
     names = ["memoir_zsre", "memoir_hallucination", "memoir_temporal", "memoir_retention", "memoir_zsre_loc",
-             "memoir_hallucination_ppl", "memoir_temporal_gen"]
+             "memoir_hallucination_ppl", "memoir_temporal_gen", "memoir_zsre_greedy", "memoir_zsre_rel_greedy"]
     assert set(tm.match_tasks(names)) == set(names)
 
 

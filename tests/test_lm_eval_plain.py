@@ -1,0 +1,45 @@
+"""The plain `lm_eval` command on an edited model, no memoir wrapper: lm-eval's own `vllm` model with memoir's
+vLLM plugin (MEMOIR_SNAPSHOT), on the packaged generate_until task, agrees with memoir's model type."""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+pytestmark = [pytest.mark.vllm, pytest.mark.model]
+pytest.importorskip("vllm")
+
+BIN = Path(sys.executable).parent
+
+
+def scores(out: Path) -> dict[str, dict]:
+    (results,) = list(out.rglob("results_*.json"))
+    return json.loads(results.read_text())["results"]
+
+
+def test_lm_eval_vllm_model_with_the_plugin_agrees_with_memoir_lm_eval(edited, default_model_dir, zsre_path, tmp_path):
+    from test_vllm_serving import _env
+
+    m, reqs, _ = edited
+    snap = m.save(tmp_path / "snap").parent
+    tasks = subprocess.run([str(BIN / "memoir"), "tasks-path"], capture_output=True, text=True, check=True).stdout.strip()
+    common = ["--tasks", "memoir_zsre_greedy", "--include_path", tasks, "--limit", str(len(reqs)),
+              "--metadata", json.dumps({"data_dir": str(zsre_path.parents[1])})]
+    env = {**_env(), "MEMOIR_SNAPSHOT": str(snap), "HF_DATASETS_OFFLINE": "1"}
+    plain = subprocess.run([str(BIN / "lm_eval"), "--model", "vllm", "--model_args",
+                            f"pretrained={default_model_dir},max_model_len=512,enforce_eager=True,dtype=float32",
+                            "--output_path", str(tmp_path / "plain"), *common], env=env, capture_output=True, text=True)
+    assert plain.returncode == 0, plain.stderr[-4000:]
+    env.pop("MEMOIR_SNAPSHOT")
+    native = subprocess.run([str(BIN / "memoir"), "lm-eval", "--model_args", f"snapshot={snap}",
+                             "--output_path", str(tmp_path / "native"), *common], env=env, capture_output=True, text=True)
+    assert native.returncode == 0, native.stderr[-4000:]
+    got, want = scores(tmp_path / "plain"), scores(tmp_path / "native")
+    for task in ("memoir_zsre_rel_greedy", "memoir_zsre_gen_greedy"):
+        for metric in ("em,none", "answer,none"):
+            assert got[task][metric] == pytest.approx(want[task][metric], abs=0.02), (task, metric)
+    assert want["memoir_zsre_rel_greedy"]["em,none"] > 0.5  # the edits answer: the comparison is not of zeros
