@@ -36,6 +36,20 @@ log = logging.getLogger(__name__)
 STREAM = 1000  # the standard lifelong-editing stream: the first 1000 records
 GEN_EXTRA_TOKENS = 2  # greedy answers get the target's token count plus this many
 ANSWER_TOKENS = 24  # ... and edit prompts at least this many, for whole-answer match and repetition
+NEIGHBOUR_TOKENS = 8  # greedy tokens compared with the unedited model's on a neighbour question
+
+
+def neighbours(n_records: int, positions: list[int], chunk: list[int] | None = None) -> dict[int, int]:
+    """Edit position -> an unedited record of the same file, its neighbour: the record half the file away (same
+    benchmark, so the same question forms and relations, other subjects), unless that one is edited in the same
+    chunk (`chunk`, default `positions`)."""
+    edited = set(positions if chunk is None else chunk)
+    out = {}
+    for i in positions:
+        k = (i + n_records // 2) % n_records
+        if k not in edited:
+            out[i] = k
+    return out
 
 
 @dataclass
@@ -48,6 +62,7 @@ class PreEdit:
     gen: dict[int, float] = field(default_factory=dict)
     rel_ppl: dict[int, float] = field(default_factory=dict)
     rel_em: dict[int, float] = field(default_factory=dict)
+    neigh_text: dict[int, str] = field(default_factory=dict)  # by record: greedy answer to its question (neighbours)
 
 
 class Evaluator:
@@ -104,6 +119,11 @@ class Evaluator:
                 texts, _ = generate_rows(m, lp, [min(x, 32) for x in n], use_memory=False, batch_size=1,
                                          desc="pre-edit: unrelated, greedy")
                 pre.loc_text.update(zip(loc, texts))
+        nb = sorted(set(neighbours(len(records), positions, chunk=[]).values()))  # whatever the chunks will be
+        if self.generative and nb:
+            texts, _ = generate_rows(m, [records[k].prompt for k in nb], [NEIGHBOUR_TOKENS] * len(nb),
+                                     use_memory=False, batch_size=1, desc="pre-edit: neighbours, greedy")
+            pre.neigh_text.update(zip(nb, texts))
         if self.generative:
             n = target_lengths(m.tok, [r.prompt for r in recs], [r.target for r in recs])
             texts, _ = generate_rows(m, [r.prompt for r in recs], [x + GEN_EXTRA_TOKENS for x in n], use_memory=False,
@@ -143,6 +163,19 @@ class Evaluator:
             for n, j in enumerate(loc):
                 out[j].update(loc=locality(sc.pred[n], pre.loc_pred[positions[j]]), loc_overlap=sc.ratio[n],
                               loc_routed=sc.row[n] >= 0)
+        nb = neighbours(len(records), positions)
+        if nb:  # neighbour locality: unedited questions of the same file (same forms, other subjects)
+            at = {i: j for j, i in enumerate(positions)}
+            prompts = [records[k].prompt for k in nb.values()]
+            sc = score_rows(m, prompts, [records[k].target for k in nb.values()], batch_size=bs,
+                            desc="eval: neighbours")
+            for n, i in enumerate(nb):
+                out[at[i]].update(neigh_routed=sc.row[n] >= 0)
+            if self.generative and all(k in pre.neigh_text for k in nb.values()):  # (a run resumed from older files)
+                texts, _ = generate_rows(m, prompts, [NEIGHBOUR_TOKENS] * len(nb), batch_size=1,
+                                         desc="eval: neighbours, greedy")  # as pre_edit
+                for (i, k), t in zip(nb.items(), texts):
+                    out[at[i]].update(neigh_changed=float(t != pre.neigh_text[k]))
         if self.generative:
             self._generative(m, recs, positions, pre, out, para, loc)
         return out
@@ -242,7 +275,8 @@ def _save_state(m: Memoir, stats: list[dict[str, float]], state: Path) -> None:
 
 METRICS = ("rel", "gen", "loc", "rel_ppl", "rel_em", "gen_em", "loc_em", "rel_answer", "rel_repeats", "pre_rel",
            "pre_gen", "pre_rel_ppl",
-           "pre_rel_em", "edit_routed_right", "para_routed_right", "para_best_is_own", "loc_routed")
+           "pre_rel_em", "edit_routed_right", "para_routed_right", "para_best_is_own", "loc_routed", "neigh_routed",
+           "neigh_changed")
 
 
 def summarize(chunks: list[list[dict[str, Any]]]) -> dict[str, Any]:

@@ -12,6 +12,7 @@ COLUMNS = (
     ("PPL median", "rel_ppl", "median"), ("Rel EM", "rel_em", "mean"), ("Gen EM", "gen_em", "mean"),
     ("Loc EM", "loc_em", "mean"), ("Rel answer", "rel_answer", "mean"), ("repeats", "rel_repeats", "mean"),
     ("para→own", "para_routed_right", "mean"), ("loc routed", "loc_routed", "mean"),
+    ("neighbours routed", "neigh_routed", "mean"), ("neighbours changed", "neigh_changed", "mean"),
     ("pre Rel", "pre_rel", "mean"), ("pre PPL", "pre_rel_ppl", "mean"), ("pre Rel EM", "pre_rel_em", "mean"),
 )
 

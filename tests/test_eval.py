@@ -111,6 +111,10 @@ def test_protocol_end_to_end(evaluator, tmp_path):
             assert 0.0 <= m[key]["mean"] <= 1.0, key
         assert m["edit_routed_right"]["mean"] == 1.0  # an edit prompt routes to its own mask
         assert m["rel"]["mean"] > m["pre_rel"]["mean"]  # the edits were written
+    # neighbour locality at T=1: record 1 (unedited in record 0's chunk) is record 0's neighbour, and back
+    one = res["runs"]["1"]["metrics"]
+    assert one["neigh_routed"]["n"] == 2 and one["neigh_routed"]["mean"] == 0.0 == one["neigh_changed"]["mean"]
+    assert "neigh_routed" not in res["runs"]["2"]["metrics"]  # both records edited in the one chunk
     rows = [json.loads(x) for x in (tmp_path / "records_T2.jsonl").read_text().splitlines()]
     assert [r["record"] for r in rows] == [0, 1]
     for name in ("results.json", "results.md", "metrics_vs_T.png", "overlap_T1.png", "overlap_T2.png"):
