@@ -94,6 +94,35 @@ def test_chat_requests_reach_their_edit_and_stop(served):
 
 
 
+def test_malformed_memoir_fields_get_a_400_naming_them_and_the_server_keeps_serving(served):
+    import random
+
+    srv, client, m, _, _ = served
+    status, text = call(srv, "/v1/completions", {"model": "memoir", "prompt": FIRST[0], "max_tokens": 2,
+                                                 "vllm_xargs": {"memoir": "maybe"}})
+    assert status == 400 and "vllm_xargs.memoir must be true or false" in text
+    status, text = call(srv, "/v1/chat/completions", {"model": "memoir", "messages": [{"role": "user", "content": "hi"}],
+                                                      "vllm_xargs": {"memoir_version": 7}})
+    assert status == 400 and "vllm_xargs.memoir_version is not a memoir field" in text
+    # a bounded fuzz: 200 malformed requests (at most 60 s); every answer is a 4xx, none a 5xx or a hang
+    rng = random.Random(0)
+    junk = [None, 3, -1.5, "", "off", [], {}, {"memoir": None}, "x" * 300]  # never a valid true/false
+    t0, statuses = time.monotonic(), []
+    for i in range(200):
+        body = {"model": "memoir", "prompt": FIRST[0], "max_tokens": rng.choice([1, 2, -3, "two"]),
+                "vllm_xargs": {rng.choice(["memoir", "memoir_tau", "memoir_version", "memoirs"]): rng.choice(junk)}}
+        if i % 5 == 0:
+            body = rng.choice([[1, 2], "text", {"prompt": None}, {"model": "memoir", "vllm_xargs": "memoir"}])
+        statuses.append(call(srv, rng.choice(["/v1/completions", "/v1/chat/completions"]), body)[0])
+        assert time.monotonic() - t0 < 60, "the fuzz ran past its bound"
+    assert all(400 <= s < 500 for s in statuses), sorted(set(statuses))
+    assert urllib.request.urlopen(srv.url + "/health", timeout=10).status == 200
+    assert complete(client, FIRST[0]) == m.ask([FIRST[0]], max_new_tokens=6, chat=False)[0].answer  # still serving
+    off = client.completions.create(model="memoir", prompt=FIRST[0], max_tokens=6, temperature=0,
+                                    extra_body={"vllm_xargs": {"memoir": False}}).choices[0].text
+    assert off == m.ask([FIRST[0]], max_new_tokens=6, chat=False)[0].base_answer  # a valid opt-out passes through
+
+
 def test_a_served_store_takes_an_appended_correction_without_a_restart(served):
     from memoir_vllm.session import Memoir
     from test_vllm_serving import _env, hf_tokens

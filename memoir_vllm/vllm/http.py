@@ -5,6 +5,8 @@ engine's collective_rpc (MemoirWorkerExtension):
     GET  /memoir/info     the served version, edit counts, tau, routing counters, reloads (per worker)
     POST /memoir/reload   {"snapshot": PATH} loads that store or version now; {} re-reads the followed store
     GET  /metrics         vLLM's Prometheus text plus memoir_* counters and gauges (summed over workers)
+    POST /v1/completions, /v1/chat/completions: memoir's fields in `vllm_xargs` are checked first; a malformed
+                          one gets a 400 naming it (vLLM's engine would read it leniently)
 
 The /memoir routes require the server's API key (`--api-key` or VLLM_API_KEY, sent as `Authorization: Bearer`)
 and answer 404 on a server started without one.
@@ -23,6 +25,33 @@ log = logging.getLogger(__name__)
 
 COUNTERS = ("decided", "routed", "reused", "opted_out", "reloads", "load_failures")  # per worker, since start
 GAUGES = ("n_edits", "n_active", "live_requests", "version")
+
+
+GENERATION_ROUTES = ("/v1/completions", "/v1/chat/completions")
+XARGS = {"memoir": "true or false (false: this request gets the base model)"}  # what clients may set
+
+
+def xargs_problem(body: bytes) -> str | None:
+    """What is wrong with the memoir fields of a request body's `vllm_xargs`, or None (a body that is no JSON
+    object is left to vLLM, which answers it)."""
+    import json
+
+    try:
+        spec = json.loads(body)
+    except ValueError:
+        return None
+    xargs = spec.get("vllm_xargs") if isinstance(spec, dict) else None
+    if not isinstance(xargs, dict):
+        return None
+    for key, value in xargs.items():
+        if not isinstance(key, str) or not key.startswith("memoir"):
+            continue
+        if key not in XARGS:
+            return (f"vllm_xargs.{key} is not a memoir field: the only one is vllm_xargs.memoir "
+                    f"({XARGS['memoir']})")
+        if not isinstance(value, bool) and not (isinstance(value, str) and value.lower() in ("true", "false")):
+            return f"vllm_xargs.{key} must be {XARGS[key]}, got {json.dumps(value)[:60]}"
+    return None
 
 
 def _keys(request: Request) -> list[str]:
@@ -47,6 +76,12 @@ async def memoir_routes(request: Request, call_next):
     path = request.url.path
     if path == "/metrics" and request.method == "GET":
         return await _metrics(request, await call_next(request))
+    if request.method == "POST" and path in GENERATION_ROUTES:
+        problem = xargs_problem(await request.body())
+        if problem:
+            return JSONResponse({"error": {"message": problem, "type": "BadRequestError", "code": 400}},
+                                status_code=400)
+        return await call_next(request)
     if not path.startswith("/memoir/"):
         return await call_next(request)
     keys = _keys(request)
