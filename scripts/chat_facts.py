@@ -37,7 +37,7 @@ KINDS = {"edited": "prompt", "paraphrase": "rephrase", "unrelated": "unrelated",
          "same_subject_other_relation": "neighbour_subject", "same_relation_other_subject": "neighbour_relation"}
 
 
-def write_snapshot(facts_file: Path, out: Path, fmt: str, n: int) -> Path:
+def write_snapshot(facts_file: Path, out: Path, fmt: str, n: int, edit_args: list[str] | None = None) -> Path:
     """`memoir edit` of the facts with --prompt-format fmt (skipped when OUT already holds all of them)."""
     manifest = out / "LATEST"
     if manifest.exists():
@@ -47,7 +47,7 @@ def write_snapshot(facts_file: Path, out: Path, fmt: str, n: int) -> Path:
             log.info("%s: reusing %s", fmt, out)
             return out
     cmd = [sys.executable, "-m", "memoir_vllm.cli", "edit", "--edits", str(facts_file), "--out", str(out),
-           "--prompt-format", fmt, "--resume"]
+           "--prompt-format", fmt, "--resume", *(edit_args or [])]
     log.info("%s", " ".join(cmd))
     t0 = time.perf_counter()
     subprocess.run(cmd, check=True)
@@ -105,6 +105,7 @@ def main() -> None:
     ap.add_argument("--formats", default="raw,chat", help="comma-separated --prompt-format values")
     ap.add_argument("--max-tokens", type=int, default=24)
     ap.add_argument("--out", default="runs/chat_facts")
+    ap.add_argument("--edit-args", default="", help="more `memoir edit` options, e.g. '--n-iter 60'")
     args = ap.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
     out = Path(args.out)
@@ -118,9 +119,10 @@ def main() -> None:
         facts_file = out / "facts.jsonl"
         facts_file.write_text("".join(json.dumps(f) + "\n" for f in facts))
     results = dict(n=len(facts), seed=args.seed, edits=str(args.edits or "synthetic"), max_tokens=args.max_tokens,
+                   edit_args=args.edit_args,
                    formats={})
     for fmt in args.formats.split(","):
-        snap = write_snapshot(facts_file, out / fmt, fmt, len(facts))
+        snap = write_snapshot(facts_file, out / fmt, fmt, len(facts), args.edit_args.split())
         with ServerProcess(snap, ["--max-model-len", "512", "--max-num-seqs", "8"], log_path=out / f"serve_{fmt}.log") as srv:
             results["formats"][fmt] = measure(facts, srv, args.max_tokens)
     path = out / "chat_facts.json"
