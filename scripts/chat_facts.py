@@ -3,8 +3,8 @@
     .venv/bin/python scripts/chat_facts.py --n 30 --formats raw,chat --out runs/chat_facts
 
 For each --prompt-format: `memoir edit` writes the facts (default: `memoir make-edits --n N --seed S`, SYNTHETIC
-invented subjects; or --edits FILE with prompt/target/rephrase/unrelated and no neighbours), `memoir serve` serves the snapshot, and every question is asked greedily (24 new tokens)
-with memory on and off (vllm_xargs {"memoir": false}, the base answer) through chat completions (one user
+invented subjects; or --edits FILE with prompt/target/rephrase/unrelated and no neighbours), `memoir serve`
+serves the snapshot, and every question is asked greedily (24 new tokens) with memory on and off (vllm_xargs {"memoir": false}, the base answer) through chat completions (one user
 message) and completions (the raw prompt). Reported per format and request form:
 
     edited / paraphrase   the whole answer is the target (memoir_eval.metrics.answer_match: SQuAD-normalised)
