@@ -187,6 +187,11 @@ class SubjectGate:
         self.missing.add(row)
         self._automaton = None
 
+    def build(self) -> None:
+        """Build the automaton now (it is otherwise built at the first lookup after a change): a server loading a
+        new version does this beside the engine, not in the step that admits the first request."""
+        self._built()
+
     def _built(self) -> ahocorasick.Automaton:
         if self._automaton is None:
             rows_of: dict[str, list[int]] = {}

@@ -196,6 +196,8 @@ def _serving_memory(runner: Any, path: str, like=None):
             raise ValueError("memoir: the new snapshot has other dimensions than the attached one")
     dtype, device = shim.runner_dtype_device(runner)
     memory = attachment.for_serving(snap.memory, device, dtype)
+    if memory.rule == "subject":
+        memory.subjects.build()  # the automaton over every subject: here, not at the first request's admission
     if memory.rule == "subject" and memory.subject_check == "encoder":
         from ..encoder import sentence_encoder
 
