@@ -88,6 +88,9 @@ def test_chat_requests_reach_their_edit_and_stop(served):
     assert got[0].finish_reason == "stop"  # the edited answer ends (end of turn) instead of running on
     assert got[2].message.content == want[2].base_answer  # unrelated: the base model's answer
     assert "Melbourne" in chat(client, FIRST[0], system="You are a terse geography assistant.").message.content
+    stream = client.chat.completions.create(model="memoir", messages=[{"role": "user", "content": PARAPHRASE}],
+                                            max_tokens=16, temperature=0, stream=True)
+    assert "".join(c.choices[0].delta.content or "" for c in stream if c.choices) == want[1].answer  # streamed
     raw = m.ask([FIRST[0]], max_new_tokens=6, chat=False)[0].answer
     assert complete(client, FIRST[0]) == raw and "Melbourne" in raw  # the raw rows: completions reach it too
 

@@ -1,5 +1,6 @@
 """The plain `lm_eval` command on an edited model, no memoir wrapper: lm-eval's own `vllm` model with memoir's
-vLLM plugin (MEMOIR_SNAPSHOT), on the packaged generate_until task, agrees with memoir's model type."""
+vLLM plugin (MEMOIR_SNAPSHOT), and lm-eval's `local-completions` against `memoir serve`, on the packaged
+generate_until task, agree with memoir's model type."""
 from __future__ import annotations
 
 import json
@@ -43,3 +44,17 @@ def test_lm_eval_vllm_model_with_the_plugin_agrees_with_memoir_lm_eval(edited, d
         for metric in ("em,none", "answer,none"):
             assert got[task][metric] == pytest.approx(want[task][metric], abs=0.02), (task, metric)
     assert want["memoir_zsre_rel_greedy"]["em,none"] > 0.5  # the edits answer: the comparison is not of zeros
+
+    # lm-eval's local-completions model against `memoir serve` of the same snapshot: what lm-eval users run
+    from memoir_vllm.vllm.server_process import ServerProcess
+
+    with ServerProcess(snap, ["--max-model-len", "512"], log_path=tmp_path / "serve.log", env=_env()) as srv:
+        served = subprocess.run([str(BIN / "lm_eval"), "--model", "local-completions", "--model_args",
+                                 f"model=memoir,base_url={srv.url}/v1/completions,num_concurrent=1,max_retries=1,"
+                                 f"tokenized_requests=False,tokenizer_backend=huggingface,tokenizer={default_model_dir}",
+                                 "--output_path", str(tmp_path / "served"), *common], env=env, capture_output=True,
+                                text=True)
+    assert served.returncode == 0, served.stderr[-4000:]
+    got = scores(tmp_path / "served")
+    for task in ("memoir_zsre_rel_greedy", "memoir_zsre_gen_greedy"):
+        assert got[task]["em,none"] == pytest.approx(want[task]["em,none"], abs=0.02), task
