@@ -110,9 +110,7 @@ def _run_locked(model, requests, out, resume, every, background, settings, progr
     for prompt, subject in found[:20]:
         log.info("subject found for %r: %s", prompt[:60], subject)
     seconds = time.perf_counter() - t0
-    if todo and (saved["path"] is None or (start + len(todo)) % every != 0):
-        saved["path"] = m.save(out)
-    elif saved["path"] is None:
+    if saved["path"] is None or (todo and (start + len(todo)) % every != 0):  # the last edits since a checkpoint
         saved["path"] = m.save(out)
     return {
         "snapshot": str(saved["path"]),

@@ -36,7 +36,8 @@ from .state import EditRecord, MemoryState
 from .store_lock import write_lock
 
 __all__ = ["EditRecord", "MemoryState", "Snapshot", "SnapshotError", "save_snapshot", "load_snapshot",
-           "resolve_version", "latest_version", "read_manifest", "check_model", "snapshot_info"]
+           "resolve_version", "latest_version", "read_manifest", "check_model", "snapshot_info", "version_name",
+           "version_number"]
 
 FORMAT_VERSION = 2  # 2: edits carry a subject, the manifest names the routing rule and chat_marks; 1 reads as mask, raw
 READABLE_FORMATS = (1, 2)
@@ -103,6 +104,16 @@ def latest_version(root: str | Path) -> Path | None:
         return None
 
 
+def version_name(number: int) -> str:
+    """The directory name of version `number` in a store: v000001, ..."""
+    return f"v{number:06d}"
+
+
+def version_number(name: str) -> int:
+    """The number of a version directory name (version_name's inverse); 0 for anything else."""
+    return int(name[1:]) if name[:1] == "v" and name[1:].isdigit() else 0
+
+
 # -- save --------------------------------------------------------------------------------------
 
 
@@ -120,7 +131,6 @@ def save_snapshot(root: str | Path, state: MemoryState, keep: int = 3, extra: di
     if keep < 2:
         raise ValueError(f"keep={keep}: keep at least 2 versions (a server may still be loading the previous one)")
     state.check()
-    memory, config = state.memory, state.config
     root = Path(root).expanduser()
     try:
         root.mkdir(parents=True, exist_ok=True)
@@ -143,7 +153,7 @@ def _save_locked(root: Path, state: MemoryState, keep: int, extra: dict[str, Any
                             f"{parent.name if parent else 'gone'}): another writer saved; load the newest version "
                             "and apply the change again")
     version = (json.loads((parent / MANIFEST).read_text())["version"] + 1) if parent else 1
-    name = f"v{version:06d}"
+    name = version_name(version)
     final = root / name
     with atomic_dir(final) as tmp:
         _write_files(tmp, memory, state.edits, config, state.model)

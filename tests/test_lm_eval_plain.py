@@ -4,7 +4,6 @@ generate_until task, agree with memoir's model type."""
 from __future__ import annotations
 
 import json
-import os
 import subprocess
 import sys
 from pathlib import Path

@@ -8,10 +8,8 @@ from __future__ import annotations
 
 import json
 import os
-import socket
 import subprocess
 import sys
-import time
 import urllib.error
 import urllib.request
 from concurrent.futures import ThreadPoolExecutor
@@ -306,12 +304,6 @@ def test_default_multiprocess_engine_with_env_snapshot(served, default_model_dir
     assert [_strip(t, eos) for t in res[1]] == hf_tokens(m, prompts, [8, 8, 8])
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _post(url: str, body: dict) -> dict:
     req = urllib.request.Request(url, data=json.dumps(body).encode(), headers={"Content-Type": "application/json"})
     with urllib.request.urlopen(req, timeout=120) as r:
@@ -319,22 +311,11 @@ def _post(url: str, body: dict) -> dict:
 
 
 def test_http_server_concurrent_requests(served, default_model_dir, tmp_path):
+    from memoir_vllm.vllm.server_process import ServerProcess
+
     snap, m = served
-    port = _free_port()
-    log = open(tmp_path / "server.log", "w")
-    proc = subprocess.Popen([PY, "-m", "memoir_vllm.cli", "serve", "--snapshot", str(snap), "--port", str(port),
-                             "--max-model-len", "256", "--enforce-eager", "--max-num-seqs", "4",
-                             "--served-model-name", "memoir"], env=_env(), stdout=log, stderr=subprocess.STDOUT)
-    try:
-        deadline = time.time() + 300
-        while True:
-            assert proc.poll() is None, (tmp_path / "server.log").read_text()[-4000:]
-            assert time.time() < deadline, "server did not come up in 300 s"
-            try:
-                urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=2)
-                break
-            except OSError:
-                time.sleep(1)
+    with ServerProcess(snap, ["--max-model-len", "256", "--enforce-eager", "--max-num-seqs", "4"],
+                       log_path=tmp_path / "server.log", env=_env()) as srv:
         prompts = [EDITS[0][0], EDITS[2][0], UNRELATED[1], EDITS[2][0]]
         memoir_on = [True, True, True, False]
 
@@ -342,25 +323,18 @@ def test_http_server_concurrent_requests(served, default_model_dir, tmp_path):
             body = {"model": "memoir", "prompt": prompts[i], "max_tokens": 8, "temperature": 0}
             if not memoir_on[i]:
                 body["vllm_xargs"] = {"memoir": False}
-            return _post(f"http://127.0.0.1:{port}/v1/completions", body)["choices"][0]["text"]
+            return _post(srv.url + "/v1/completions", body)["choices"][0]["text"]
 
         with ThreadPoolExecutor(4) as pool:
             texts = list(pool.map(ask, range(4)))
         try:  # memoir's HTTP routes are off on a server without an API key
-            urllib.request.urlopen(f"http://127.0.0.1:{port}/memoir/info", timeout=10)
+            urllib.request.urlopen(srv.url + "/memoir/info", timeout=10)
             raise AssertionError("/memoir/info answered without an API key configured")
         except urllib.error.HTTPError as e:
             assert e.code == 404 and "--api-key" in e.read().decode()
         want = [m.tok.decode(t) for t in hf_tokens(m, prompts[:3], [8] * 3)]
         want.append(m.tok.decode(hf_tokens(m, prompts[3:], [8], use_memory=False)[0]))
         assert texts == want
-    finally:
-        proc.terminate()
-        try:
-            proc.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-        log.close()
 
 
 def test_serve_refuses_a_snapshot_for_another_model(served, tiny_model_dir, capsys):

@@ -19,7 +19,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
 
-from ..snapshot import LATEST
+from ..snapshot import LATEST, version_name, version_number
 
 log = logging.getLogger(__name__)
 
@@ -41,11 +41,11 @@ def version_of(path: str | Path) -> int:
     try:
         stamp = latest.stat().st_mtime_ns
     except OSError:
-        return _number(p.name)
+        return version_number(p.name)
     hit = _VERSIONS.get(str(p))
     if hit is None or hit[0] != stamp:
         try:
-            hit = (stamp, _number(latest.read_text().strip()))
+            hit = (stamp, version_number(latest.read_text().strip()))
         except OSError:
             return 0
         _VERSIONS[str(p)] = hit
@@ -53,10 +53,6 @@ def version_of(path: str | Path) -> int:
 
 
 _VERSIONS: dict[str, tuple[int, int]] = {}
-
-
-def _number(name: str) -> int:
-    return int(name[1:]) if name[:1] == "v" and name[1:].isdigit() else 0
 
 
 def follows(path: str | Path) -> bool:
@@ -67,8 +63,10 @@ def follows(path: str | Path) -> bool:
 class StoreFollower:
     """Polls a store's LATEST in a daemon thread; `take()` returns a newly loaded version once."""
 
-    def __init__(self, store: str | Path, current: str, load: Callable[[str], Any], interval: float | None = None):
+    def __init__(self, store: str | Path, current: str, load: Callable[[str], Any], interval: float | None = None,
+                 salted: bool = True):
         self.store = Path(store)
+        self.salted = salted  # the engine core salts requests with this store's versions (take(wanted) honours them)
         self.current = Path(current).name  # the version being served
         self.load = load  # version dir -> memory ready to serve (raises when the version is refused)
         self.interval = float(os.environ.get("MEMOIR_FOLLOW_INTERVAL", "0.5")) if interval is None else interval
@@ -93,16 +91,22 @@ class StoreFollower:
                 pending = self._ready.path if self._ready is not None else None
             if name is None or name in (self.current, self.refused) or (pending and Path(pending).name == name):
                 continue
-            t0 = time.perf_counter()
-            try:
-                memory = self.load(str(self.store / name))
-            except Exception as e:  # refused: keep serving the last good version, loudly
-                self.refused = name
-                self.counts["load_failures"] += 1
-                log.error("memoir: %s/%s refused, still serving %s: %s", self.store, name, self.current, e)
-                continue
-            with self._lock:
-                self._ready = Loaded(str(self.store / name), memory, time.perf_counter() - t0)
+            loaded = self._load(name)
+            if loaded is not None:
+                with self._lock:
+                    self._ready = loaded
+
+    def _load(self, name: str) -> Loaded | None:
+        """Version `name` loaded, or None when it is refused (then logged, counted and not retried)."""
+        path = str(self.store / name)
+        t0 = time.perf_counter()
+        try:
+            return Loaded(path, self.load(path), time.perf_counter() - t0)
+        except Exception as e:  # refused: keep serving the last good version, loudly
+            self.refused = name
+            self.counts["load_failures"] += 1
+            log.error("memoir: %s refused, still serving %s: %s", path, self.current, e)
+            return None
 
     def take(self, wanted: int = 0) -> Loaded | None:
         """A version newer than the one served, to swap in now (None if none): the one the thread loaded, or
@@ -110,18 +114,12 @@ class StoreFollower:
         salted a request with it, so it must not run on an older one)."""
         with self._lock:
             ready, self._ready = self._ready, None
-        if ready is not None and _number(Path(ready.path).name) <= _number(self.current):
+        current = version_number(self.current)
+        if ready is not None and version_number(Path(ready.path).name) <= current:
             ready = None  # the thread loaded what was already swapped in
-        have = _number(Path(ready.path).name) if ready is not None else _number(self.current)
-        if wanted > have and f"v{wanted:06d}" != self.refused:
-            path = str(self.store / f"v{wanted:06d}")
-            t0 = time.perf_counter()
-            try:
-                ready = Loaded(path, self.load(path), time.perf_counter() - t0)
-            except Exception as e:  # refused: the request runs on the last good version
-                self.refused = Path(path).name
-                self.counts["load_failures"] += 1
-                log.error("memoir: %s refused, still serving %s: %s", path, self.current, e)
+        have = version_number(Path(ready.path).name) if ready is not None else current
+        if self.salted and wanted > have and version_name(wanted) != self.refused:
+            ready = self._load(version_name(wanted)) or ready  # refused: the request runs on the last good one
         if ready is not None:
             self.current = Path(ready.path).name
             self.counts["reloads"] += 1

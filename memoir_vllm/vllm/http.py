@@ -14,6 +14,7 @@ and answer 404 on a server started without one.
 from __future__ import annotations
 
 import hashlib
+import json
 import logging
 import os
 import secrets
@@ -34,8 +35,6 @@ XARGS = {"memoir": "true or false (false: this request gets the base model)"}  #
 def xargs_problem(body: bytes) -> str | None:
     """What is wrong with the memoir fields of a request body's `vllm_xargs`, or None (a body that is no JSON
     object is left to vLLM, which answers it)."""
-    import json
-
     try:
         spec = json.loads(body)
     except ValueError:
@@ -103,12 +102,10 @@ async def memoir_routes(request: Request, call_next):
 
 
 async def _reload(request: Request) -> Response:
-    from ..snapshot import MANIFEST, LATEST
+    from ..snapshot import SnapshotError, resolve_version
 
     body = await request.body()
     try:
-        import json
-
         spec = json.loads(body) if body.strip() else {}
         if not isinstance(spec, dict):
             raise ValueError
@@ -117,8 +114,11 @@ async def _reload(request: Request) -> Response:
                             status_code=400)
     target = spec.get("snapshot")
     if target is not None:
-        if not isinstance(target, str) or not (os.path.isfile(os.path.join(target, MANIFEST))
-                                               or os.path.isfile(os.path.join(target, LATEST))):
+        try:
+            if not isinstance(target, str):
+                raise SnapshotError("not a path")
+            resolve_version(target)
+        except SnapshotError:
             return JSONResponse({"error": f"snapshot {target!r} is not a memoir store or version directory on the "
                                           "server's filesystem"}, status_code=400)
     info = await _rpc(request, "memoir_reload", target)

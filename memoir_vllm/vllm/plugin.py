@@ -274,10 +274,8 @@ def _after_prepare(runner: Any, scheduler_output: Any, num_scheduled_tokens: Any
         return
     if att.follower is not None:
         # before admitting this step's new requests: the version the engine core salted them with, at least
-        salted_here = os.path.realpath(str(att.follower.store)) == os.path.realpath(
-            str(shim.snapshot_of(shim.runner_config(runner))))  # versions of this store (not one reloaded by hand)
         wanted = max([int((p.extra_args or {}).get(VERSION_ARG, 0)) for p in shim.new_request_params(scheduler_output)
-                      if p is not None and salted_here] or [0])
+                      if p is not None] or [0])
         ready = att.follower.take(wanted)
         if ready is not None:
             _swap(att, ready.path, ready.memory)
@@ -328,8 +326,10 @@ class MemoirWorkerExtension:
         att = self._memoir_attachment()
         r = att.router
         follow = att.follower.counts if att.follower is not None else {}
-        name = os.path.basename(att.snapshot)
-        return {"snapshot": att.snapshot, "version": int(name[1:]) if name[1:].isdigit() else 0, "n_edits": r.memory.n_edits, "n_active": r.memory.index.n_active,
+        from ..snapshot import version_number
+
+        return {"snapshot": att.snapshot, "version": version_number(os.path.basename(att.snapshot)),
+                "n_edits": r.memory.n_edits, "n_active": r.memory.index.n_active,
                 "tau": r.memory.threshold, "routing": r.memory.rule, "live_requests": len(r.states),
                 "following": att.follower is not None, **r.counts, **follow}
 
@@ -373,11 +373,15 @@ class MemoirWorkerExtension:
                 raise ValueError("this server serves a pinned version: name the snapshot to load "
                                  '({"snapshot": "/path/to/store"})')
             path = str(att.follower.store)
-        info = self.memoir_load_snapshot(path)
+        self.memoir_load_snapshot(path)
         if att.follower is not None:
             att.follower.stop()
             att.follower = None
         if follows(path):
+            from . import shim
+
             runner = self.model_runner
-            att.follower = StoreFollower(path, att.snapshot, lambda v: _serving_memory(runner, v, att)[1])
+            salted = os.path.realpath(path) == os.path.realpath(str(shim.snapshot_of(shim.runner_config(runner))))
+            att.follower = StoreFollower(path, att.snapshot, lambda v: _serving_memory(runner, v, att)[1],
+                                         salted=salted)  # another store's versions are not the salt's
         return self.memoir_info()
