@@ -11,6 +11,7 @@ from typing import Any
 from memoir_vllm.atomic import write_text_atomic
 from memoir_vllm.config import MemoirConfig
 
+from .age import age_markdown, by_age, conflict_split, plot_by_age
 from .data import load_records, resolve_data
 from .protocol import Evaluator, PreEdit, chunk_positions, summarize
 from .report import markdown_table, plot, write_json
@@ -73,6 +74,7 @@ def run_eval(
         results["runs"][str(T)] = dict(  # rewritten after every chunk: an interrupted run keeps its chunks
             T=len(chunk_list[0]), chunks_run=len(done[T]), chunks_total=total,
             n_edits=sum(len(r) for r in done[T]), **timings[T], metrics=summarize(done[T]),
+            **_age_report(done[T], records, chunk_list),
         )
         write_json(out / "results.json", results)
         _write_rows(out / f"records_T{T}.jsonl", done[T])
@@ -96,12 +98,23 @@ def run_eval(
         "paraphrases": [r["para_overlap"] for rows in done[T] for r in rows if "para_overlap" in r],
         "unrelated": [r["loc_overlap"] for rows in done[T] for r in rows if "loc_overlap" in r],
     } for T in sorted(plans)}
-    results["runs"] = {str(T): results["runs"][str(T)] for T in sorted(plans)}
+    results["runs"] = {str(T): {**results["runs"][str(T)], **_age_report(done[T], records, plans[T][0])}
+                       for T in sorted(plans)}  # (again: a resumed run written before the age report gains it)
     write_json(out / "results.json", results)
     write_json(out / "overlaps.json", overlaps)
-    write_text_atomic(out / "results.md", markdown_table(results))
+    ages = "".join("\n" + age_markdown(r["by_age"], int(T)) for T, r in results["runs"].items() if r["by_age"])
+    write_text_atomic(out / "results.md", markdown_table(results) + ages)
     plot(results, overlaps, out)
+    for T, r in results["runs"].items():
+        if r["by_age"]:
+            plot_by_age(r["by_age"], int(T), results["data"], out / f"rel_by_age_T{T}.png")
     return results
+
+
+def _age_report(chunks: list[list[dict[str, Any]]], records, chunk_list: list[list[int]]) -> dict[str, Any]:
+    """by_age (per block of 100 edits, oldest first) and conflicts (edits whose question is edited again later
+    in the chunk, against the others) of one T's finished chunks."""
+    return dict(by_age=by_age(chunks), conflicts=conflict_split(chunks, records, chunk_list[: len(chunks)]))
 
 
 def _resumed(out: Path, fresh: dict[str, Any], plans: dict) -> tuple[dict[str, Any], dict[int, list]]:

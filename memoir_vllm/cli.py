@@ -218,8 +218,35 @@ def add_demo(sub) -> None:
     p.set_defaults(func=cmd_demo)
 
 
+# -- export ----------------------------------------------------------------------------------------
+
+
+def cmd_export(args: argparse.Namespace) -> int:
+    from .export import export
+
+    set_threads(args.threads)
+    out = export(args.snapshot, args.out, model=args.model, overwrite=args.overwrite)
+    print(f"{out}: load it with AutoModelForCausalLM.from_pretrained({str(out)!r}, trust_remote_code=True) or\n"
+          f"  lm_eval --model hf --model_args pretrained={out},trust_remote_code=True --tasks ...")
+    return 0
+
+
+def add_export(sub) -> None:
+    p = sub.add_parser("export", help="write a snapshot and its model as a Hugging Face directory (auto_map modeling "
+                       "code) that transformers and `lm_eval --model hf` load with trust_remote_code",
+                       description="Base weights and tokenizer (safetensors), the snapshot under OUT/memoir and "
+                       "modeling_memoir.py, which attaches the memory at load and routes each new sequence per "
+                       "batch row. Loading OUT needs the memoir package installed.")
+    p.add_argument("--snapshot", required=True, help="a snapshot store (its LATEST) or a version directory")
+    p.add_argument("--out", required=True, help="the directory to write (must not exist unless --overwrite)")
+    p.add_argument("--model", help="the snapshot's model directory (default: the path the snapshot records)")
+    p.add_argument("--overwrite", action="store_true", help="replace OUT if it exists")
+    p.add_argument("--threads", type=int)
+    p.set_defaults(func=cmd_export)
+
+
 # eval, lm-eval, calibrate, retention come from memoir_eval; serve imports vLLM only when it runs
-SUBCOMMANDS: list[Callable] = [add_prepare_model, add_edit, add_ask, add_snapshot, add_demo, *EVAL_SUBCOMMANDS, add_serve]
+SUBCOMMANDS: list[Callable] = [add_prepare_model, add_edit, add_ask, add_snapshot, add_demo, add_export, *EVAL_SUBCOMMANDS, add_serve]
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -245,7 +272,7 @@ def main(argv: list[str] | None = None) -> int:
         logging.getLogger(noisy).setLevel(logging.WARNING)
     try:
         return args.func(args)
-    except (ValueError, FileNotFoundError, KeyError, RuntimeError) as e:
+    except (ValueError, FileNotFoundError, FileExistsError, KeyError, RuntimeError) as e:
         # library errors name the problem and the fix; no traceback for bad input
         if args.verbose:
             raise

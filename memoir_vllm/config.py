@@ -91,6 +91,11 @@ class MemoirConfig:
                                   "raw (the default and the reference: prompt text as is, routed from all its tokens) or auto "
                                   "(chat when the tokenizer has a chat template; not yet measured, see #22)",
                                   PROMPT_FORMATS)
+    memory_start: str = _setting("content", "where a routed request's memory term starts: content (at its routing "
+                                 "span: in a chat rendering the last user message's content, so the system prompt and "
+                                 "template header get none, their KV does not depend on the edit and a shared system "
+                                 "prompt is prefix-cached across requests) or all (every token: the reference). The "
+                                 "same for raw prompts, which route from their first token", ("content", "all"))
     answer_end: str = _setting("period_eos", "what an edit trains after its target so greedy answers stop: "
                                "period_eos ('.' and end-of-text), eos, newline, or none (the reference: the target "
                                "alone, answers then tend to repeat it)", ("period_eos", "eos", "newline", "none"))
@@ -151,14 +156,15 @@ class MemoirConfig:
             raise ValueError(f"unknown MemoirConfig keys {unknown}; known keys: {sorted(known)}")
         # stored before a setting existed: what ran then (the coupled decay, the mask-only routing, raw prompts)
         return cls(**{"decay": "coupled", "routing": "mask", "subject_check": "none", "supersede": False,
-                      "prompt_format": "raw", "answer_end": "none", **d})
+                      "prompt_format": "raw", "answer_end": "none", "memory_start": "all", **d})
 
 
 # Named presets. "reference" is the paper's Llama-3-8B setting; per-model presets are measured
 # on that model (evidence in docs/defaults.md) and picked by `default_config(model_type, n_layers, D)`.
 PRESETS: dict[str, dict[str, Any]] = {
     "reference": dict(tau=0.4, lr=1.0, n_iter=30, optimizer="sgd", grad_clip=1.0, fast=False, weight_decay=1e-5,
-                      decay="coupled", routing="mask", supersede=False, prompt_format="raw", answer_end="none"),
+                      decay="coupled", routing="mask", supersede=False, prompt_format="raw", answer_end="none",
+                      memory_start="all"),
     "llama3-8b": dict(layer=27, k=4096, tau=0.4, lr=1.0, n_iter=30),
     "gptj-6b": dict(layer=21, k=4096, tau=0.4, lr=1.0, n_iter=70),
     # SmolLM2-135M (30 blocks, D=1536), measured: see docs/defaults.md

@@ -17,7 +17,7 @@ import torch.nn.functional as F
 
 from .config import MemoirConfig, arch_spec
 from .hf import MemoirLayer, attach, capturing, decoder_layers, get_module, training
-from .memory import ResidualMemory
+from .memory import ResidualMemory, from_span
 from .tokens import PairBatch, encode_pairs, encode_prompts
 from .tophash import indices_to_mask
 
@@ -188,14 +188,21 @@ class SequentialEditor:
         """The edit's mask indices [k] from the plain row's routing span."""
         return self.memory.masks_from_acts(acts[:1], batch.route_mask[:1])[0]
 
+    def _memory_positions(self, batch: PairBatch) -> torch.Tensor | None:
+        """[R, T] bool: where each training row gets the memory term, as it will when served (memory_start
+        "content": from its routing span on, so a chat row's template header gets none); None: everywhere."""
+        return from_span(batch.route_mask) if self.memory.gates_content else None
+
     def _reference_steps(self, batch: PairBatch, shard: int):
         with torch.no_grad(), capturing(self.layer):
             self.model(input_ids=batch.input_ids[:1], attention_mask=batch.attention_mask[:1], use_cache=False)
         mask_idx = self._mask_from(self.layer.captured, batch)
         mask = indices_to_mask(mask_idx.view(1, -1), self.memory.d_inner)[0]
 
+        positions = self._memory_positions(batch)
+
         def step() -> torch.Tensor:
-            with training(self.layer, mask, shard):
+            with training(self.layer, mask, shard, positions):
                 logits = self.model(input_ids=batch.input_ids, attention_mask=batch.attention_mask, use_cache=False).logits
             return target_loss(logits, batch)
 
@@ -238,8 +245,12 @@ class SequentialEditor:
         row_of = pred.nonzero()[:, 0]  # [n]
         n_target = pred.sum(1).float()  # [R]
 
+        positions = self._memory_positions(batch)
+        gate = positions.unsqueeze(-1).to(acts.dtype) if positions is not None else None  # [R, T, 1]
+
         def step() -> torch.Tensor:
-            h = h_base + self.memory.delta(acts, mask.expand(acts.shape[0], -1), shard)
+            delta = self.memory.delta(acts, mask.expand(acts.shape[0], -1), shard)
+            h = h_base + (delta if gate is None else delta * gate)
             for blk in blocks[li + 1 :]:
                 out = blk(h, *saved["args"], **saved["kwargs"])
                 h = out[0] if isinstance(out, tuple) else out

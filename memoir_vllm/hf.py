@@ -15,7 +15,7 @@ import torch
 from torch import nn
 
 from .config import arch_spec
-from .memory import Decision, ResidualMemory
+from .memory import Decision, ResidualMemory, from_span
 from .tophash import pool_prompt
 
 
@@ -65,6 +65,7 @@ class MemoirLayer(nn.Module):
         self.routing: Routing | None = None
         self.train_mask: torch.Tensor | None = None  # [1 or B, D] bool
         self.train_shard: int = 0
+        self.train_from: torch.Tensor | None = None  # [B, T] bool: positions that get the term (None: all)
         self.captured: torch.Tensor | None = None  # last input activations when capturing
         self.capture = False
 
@@ -73,17 +74,22 @@ class MemoirLayer(nn.Module):
         if self.capture:
             self.captured = a.detach()
         if self.train_mask is not None:
-            return out + self.memory.delta(a, self.train_mask.expand(a.shape[0], -1), self.train_shard)
+            delta = self.memory.delta(a, self.train_mask.expand(a.shape[0], -1), self.train_shard)
+            return out + (delta if self.train_from is None else delta * self.train_from.unsqueeze(-1).to(delta.dtype))
         if self.prompt_mask is None:
             return out
-        if self.routing is None:
+        first = self.routing is None  # the forward over the whole prompts; later ones are decode steps
+        if first:
             self.routing = self.memory.decide(self.memory.feature_of(pool_prompt(a, self.prompt_mask)), self.candidates)
         d = self.routing
         sel = d.routed.nonzero().flatten()  # [b] batch rows with a matched edit
         if sel.numel() == 0:
             return out
+        delta = self.memory.delta(a[sel], d.mask[sel], d.shard[sel])  # [b, T, d_model]
+        if first and self.memory.gates_content:  # no memory before the routing span (memory_start "content")
+            delta = delta * from_span(self.prompt_mask[sel]).unsqueeze(-1).to(delta.dtype)
         out = out.clone()
-        out[sel] = out[sel] + self.memory.delta(a[sel], d.mask[sel], d.shard[sel])
+        out[sel] = out[sel] + delta
         return out
 
 
@@ -130,13 +136,14 @@ def routed(layer: MemoirLayer, prompt_mask: torch.Tensor | None,
 
 
 @contextlib.contextmanager
-def training(layer: MemoirLayer, mask: torch.Tensor, shard: int = 0) -> Iterator[MemoirLayer]:
-    """Apply one mask [D] bool to every row and position (editing)."""
-    layer.train_mask, layer.train_shard = mask.view(1, -1), shard
+def training(layer: MemoirLayer, mask: torch.Tensor, shard: int = 0,
+             positions: torch.Tensor | None = None) -> Iterator[MemoirLayer]:
+    """Apply one mask [D] bool to every row (editing), at every position or where positions [B, T] is True."""
+    layer.train_mask, layer.train_shard, layer.train_from = mask.view(1, -1), shard, positions
     try:
         yield layer
     finally:
-        layer.train_mask = None
+        layer.train_mask, layer.train_from = None, None
 
 
 @contextlib.contextmanager

@@ -19,6 +19,15 @@ class Scored:
     routing: Routing | None
 
 
+def span_texts(tok, input_ids: torch.Tensor, route_mask: torch.Tensor, prompts: list[str], memory) -> list[str]:
+    """The text the subject gate reads for each row: a chat-format memory's routing span decoded (the last user
+    message's content, also when a prompt is an already rendered chat, as the vLLM router reads it); else the
+    prompt as given."""
+    if memory.marks is None:
+        return prompts
+    return [tok.decode(row[m].tolist(), skip_special_tokens=True) for row, m in zip(input_ids, route_mask)]
+
+
 def _max_length(model) -> int | None:
     return getattr(model.config, "max_position_embeddings", None)
 
@@ -38,7 +47,8 @@ def score(
         logits = model(input_ids=b.input_ids, attention_mask=b.attention_mask, use_cache=False).logits
         routing = None
     else:
-        with routed(layer, prompt_mask, layer.memory.candidates(prompts) if prompt_mask is not None else None):
+        with routed(layer, prompt_mask, layer.memory.candidates(span_texts(tok, b.input_ids, b.route_mask, prompts,
+                                                                           layer.memory)) if prompt_mask is not None else None):
             logits = model(input_ids=b.input_ids, attention_mask=b.attention_mask, use_cache=False).logits
             routing = layer.routing
     pred = b.target_mask[:, 1:]  # [B, T-1] positions whose next token is a target token
@@ -71,7 +81,7 @@ def generate(
         out, routing = model.generate(**kw), None
     else:
         if use_memory and candidates is None:
-            candidates = layer.memory.candidates(prompts)
+            candidates = layer.memory.candidates(span_texts(tok, ids, b.route_mask, prompts, layer.memory))
         with routed(layer, b.route_mask if use_memory else None, candidates if use_memory else None):
             out = model.generate(**kw)
             routing = layer.routing

@@ -44,6 +44,12 @@ def candidate_rows(scored: list[list[tuple[int, float | None]]], width: int | No
     return out
 
 
+def from_span(route_mask: torch.Tensor) -> torch.Tensor:
+    """[B, T] bool: the positions at or after each row's first routing token, where a routed row gets the memory
+    term when the memory gates_content (left padding and a chat prompt's system prompt and header come before)."""
+    return route_mask.to(torch.int64).cumsum(1) > 0
+
+
 @dataclass
 class Decision:
     """The routing of a batch of rows, all on the memory's device."""
@@ -76,6 +82,9 @@ class ResidualMemory(nn.Module):
         subject_tau: threshold on overlap / k among the candidates (rule "subject").
         marks: the chat template's marks when edits were made in the chat format (prompts then route from
             their last user message's content: chat.routing_span); None routes every prompt from all its tokens.
+        memory_start: "content": a routed request gets the memory term from its routing span's first token on
+            (memory_from), so the tokens before it (a system prompt, the template header) are the base model's;
+            "all": at every token (the reference). The same for raw prompts.
     """
 
     def __init__(
@@ -93,6 +102,7 @@ class ResidualMemory(nn.Module):
         subject_check: str = "none",
         check_tau: float = 0.7,
         marks: ChatMarks | None = None,
+        memory_start: str = "all",
     ) -> None:
         super().__init__()
         if k > d_inner:
@@ -104,6 +114,9 @@ class ResidualMemory(nn.Module):
         self.d_model, self.d_inner, self.k = d_model, d_inner, k
         self.tau, self.seed, self.feature = tau, seed, feature
         self.marks = marks
+        if memory_start not in ("content", "all"):
+            raise ValueError(f"memory_start {memory_start!r}: use 'content' or 'all'")
+        self.memory_start = memory_start
         self.weight = nn.Parameter(torch.zeros(n_shards, d_model, d_inner, dtype=dtype))  # [S, d_model, D]
         self.register_buffer("perm", make_permutation(d_inner, seed))  # [D]
         self.register_buffer("background", torch.zeros(d_inner))  # [D]
@@ -127,6 +140,16 @@ class ResidualMemory(nn.Module):
     def routing_span(self, prompt_ids: list[int]) -> tuple[int, int]:
         """[start, end) of the prompt tokens a prompt routes from (chat.routing_span with this memory's marks)."""
         return routing_span(prompt_ids, self.marks)
+
+    @property
+    def gates_content(self) -> bool:
+        """True when the memory term starts at the routing span (memory_start "content" with chat marks; a raw
+        prompt's span starts at its first token, so there is nothing to gate)."""
+        return self.memory_start == "content" and self.marks is not None
+
+    def memory_from(self, prompt_ids: list[int]) -> int:
+        """The first token of a prompt that gets the memory term when routed (0 unless gates_content)."""
+        return self.routing_span(prompt_ids)[0] if self.gates_content else 0
 
     def feature_of(self, pooled: Pooled) -> torch.Tensor:
         """The routing feature [B, D] float32 of pooled routing tokens."""
@@ -290,7 +313,7 @@ class ResidualMemory(nn.Module):
         fresh = ResidualMemory(self.d_model, self.d_inner, self.k, self.tau, self.seed, self.feature,
                                n_shards=self.n_shards if n_shards is None else n_shards, dtype=self.weight.dtype,
                                rule=self.rule, subject_tau=self.subject_tau, subject_check=self.subject_check,
-                               check_tau=self.check_tau, marks=self.marks)
+                               check_tau=self.check_tau, marks=self.marks, memory_start=self.memory_start)
         fresh.background.copy_(self.background)
         return fresh.to(self.perm.device)
 
@@ -303,4 +326,5 @@ def empty_memory(d_model: int, d_inner: int, cfg, n_shards: int = 1, dtype: torc
         raise ValueError("prompt_format='chat' needs the tokenizer's chat marks (chat.chat_marks(tok))")
     return ResidualMemory(d_model, d_inner, cfg.k, cfg.tau, cfg.seed, cfg.feature, n_shards=n_shards, dtype=dtype,
                           rule=cfg.routing, subject_tau=cfg.subject_tau, subject_check=cfg.subject_check,
-                          check_tau=cfg.check_tau, marks=marks if cfg.prompt_format == "chat" else None)
+                          check_tau=cfg.check_tau, marks=marks if cfg.prompt_format == "chat" else None,
+                          memory_start=cfg.memory_start)

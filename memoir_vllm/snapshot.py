@@ -255,6 +255,7 @@ def load_snapshot(path: str | Path, verify: bool = True) -> Snapshot:
         manifest["feature"], n_shards=manifest["n_shards"], dtype=tensors["weight"].dtype,
         rule=config.routing, subject_tau=config.subject_tau, subject_check=config.subject_check,
         check_tau=config.check_tau, marks=ChatMarks.from_dict(manifest.get("chat_marks")),
+        memory_start=config.memory_start,
     )
     with torch.no_grad():
         memory.weight.copy_(tensors["weight"])

@@ -4,9 +4,13 @@
         --out runs/bench_serving.json
 
 The memory is synthesized, not trained: for the 25% of the benchmark prompts that should match,
-their real TopHash masks (computed with the transformers model at the snapshot's layer) are stored
-as edits; the other edits get random k-of-D masks; W_m is small Gaussian noise. Cost in the engine
-is the same as for trained edits (routing and the memory term do not depend on the values).
+their real TopHash masks (computed with the transformers model at the snapshot's layer), their ZsRE
+subjects and their sentence-encoder question vectors are stored as edits; the other edits get random
+k-of-D masks, invented subjects (`memoir make-edits` names, which no benchmark prompt names) and random
+question vectors; W_m is small Gaussian noise. Under the subject rule (`--routing subject`, the default)
+a matching request names its edit's subject, so the engine runs the automaton, the sentence encoder and
+the candidate decision for it, as for trained edits (routing and the memory term do not depend on the
+values); `--routing mask` measures the paper's rule (every request scans the whole index).
 Each configuration runs in its own engine process (fresh, same settings: fp32, enforce_eager unless --compile,
 prefix caching off so repeats measure compute); configurations alternate over --rounds and the best
 round is kept (the machine is shared). Because engines started at different times see different
@@ -32,25 +36,32 @@ REPO = Path(__file__).resolve().parents[1]
 log = logging.getLogger("bench_serving")
 
 
-def load_prompts(n: int) -> list[str]:
-    """n distinct ZsRE questions ($MEMOIR_DATA/zsre), else the packaged background texts."""
+def load_prompts(n: int) -> list[tuple[str, str]]:
+    """n distinct ZsRE questions with their subjects ($MEMOIR_DATA/zsre), else the packaged background texts
+    (subject: the automatic rule's)."""
     data = Path(os.environ.get("MEMOIR_DATA", REPO.parent / "shared" / "data")) / "zsre" / "zsre_mend_edit.json"
     if data.exists():
         seen, out = set(), []
         for r in json.loads(data.read_text()):
-            if r["src"] not in seen:
+            if r["src"] not in seen and r.get("subject") and r["subject"].lower() in r["src"].lower():
                 seen.add(r["src"])
-                out.append(r["src"])
+                out.append((r["src"], r["subject"]))
             if len(out) == n:
                 return out
     from memoir_vllm.session import builtin_background
+    from memoir_vllm.subjects import auto_subject
 
-    texts = builtin_background()
-    return [texts[i % len(texts)] + f" ({i})" for i in range(n)]
+    texts = [t + f" ({i})" for i, t in enumerate(builtin_background())][:n]
+    texts += [f"Background text {i}." for i in range(len(texts), n)]
+    return [(t, auto_subject(t)) for t in texts]
 
 
-def synth_snapshot(out: Path, n_edits: int, match_prompts: list[str], tau: float, seed: int = 0) -> Path:
-    """A snapshot with n_edits masks: the real masks of match_prompts first, random ones after."""
+def synth_snapshot(out: Path, n_edits: int, match: list[tuple[str, str]], tau: float, routing: str,
+                   seed: int = 0, memory_start: str | None = None) -> Path:
+    """A snapshot with n_edits edits: the real masks, subjects and question vectors of the `match` prompts
+    first, random masks and vectors with invented subjects after. memory_start set: a chat-format memory (the
+    tokenizer's chat marks; matched masks from each prompt's user message in the chat template) whose memory
+    term starts at the content ("content") or at every token ("all")."""
     import torch
 
     from memoir_vllm.config import default_config
@@ -59,22 +70,28 @@ def synth_snapshot(out: Path, n_edits: int, match_prompts: list[str], tau: float
     from memoir_vllm.memory import empty_memory
     from memoir_vllm.models import load_model, model_identity
     from memoir_vllm.session import builtin_background
+    from memoir_eval.synthetic import make_edits
     from memoir_vllm.snapshot import EditRecord, MemoryState, save_snapshot
     from memoir_vllm.tokens import encode_prompts
 
     model, tok = load_model("default")
     n_layers, d_model, d_inner = model_dims(model)
-    cfg = default_config(model.config.model_type, n_layers, d_inner, tau=tau).resolved(n_layers, d_inner)
-    memory = empty_memory(d_model, d_inner, cfg)
+    chat = memory_start is not None
+    cfg = default_config(model.config.model_type, n_layers, d_inner, tau=tau, routing=routing, memory_start=memory_start,
+                         prompt_format="chat" if chat else None).resolved(n_layers, d_inner)
+    from memoir_vllm.chat import chat_marks
+
+    memory = empty_memory(d_model, d_inner, cfg, marks=chat_marks(tok) if chat else None)
+    match_prompts = [p for p, _ in match]
     layer = attach(model, memory, cfg.layer)
     memory.background.copy_(compute_background(model, tok, layer, builtin_background()[: cfg.n_background]))
     masks = []
     for p in match_prompts:  # one at a time: no padding
-        b = encode_prompts(tok, [p])
+        b = encode_prompts(tok, [p], marks=memory.marks, chat=chat)
         ids, attn = b.input_ids, b.attention_mask
         with capturing(layer), torch.no_grad():
             model(input_ids=ids, attention_mask=attn, use_cache=False)
-        masks.append(memory.masks_from_acts(layer.captured, attn.bool()))  # [1, k]
+        masks.append(memory.masks_from_acts(layer.captured, b.route_mask))  # [1, k]
     gen = torch.Generator().manual_seed(seed)
     n_rand = n_edits - len(masks)
     rand = torch.rand(n_rand, d_inner, generator=gen).topk(cfg.k, dim=1).indices.sort(dim=1).values  # [n, k]
@@ -84,22 +101,56 @@ def synth_snapshot(out: Path, n_edits: int, match_prompts: list[str], tau: float
     memory.index.add(indices_to_mask(all_idx, d_inner), torch.arange(n_edits))
     with torch.no_grad():
         memory.weight.normal_(0.0, 1e-3, generator=gen)
-    edits = [EditRecord(match_prompts[i] if i < len(match_prompts) else f"synthetic {i}", "x", "synthetic")
-             for i in range(n_edits)]
+    invented = make_edits(n_rand, seed) if n_rand > 0 else []
+    edits = [EditRecord(p, "x", "synthetic", subject=(s,)) for p, s in match]
+    edits += [EditRecord(r["prompt"], "x", "synthetic", subject=(r["subject"],)) for r in invented]
+    edits = edits[:n_edits]
+    for e in edits:
+        memory.subjects.add(e.subject, e.prompt)
+    if routing == "subject" and cfg.subject_check == "encoder":  # the matched edits' real vectors, random for the rest
+        for i in range(len(match_prompts), len(edits)):
+            v = torch.randn(384, generator=gen)
+            memory.subjects.vectors[i] = v / v.norm()
+            memory.subjects.missing.discard(i)
+        memory.fill_vectors()
     state = MemoryState(memory, edits, cfg, [], {**model_identity(model), "path": "default"},
                         down_proj_path(model, cfg.layer))
-    return save_snapshot(out, state, keep=1)
+    return save_snapshot(out, state, keep=2)
+
+
+def chat_prompts(questions: list[str], system_tokens: int) -> list[str]:
+    """Each question as the user message of a chat rendering after one shared system prompt of about
+    system_tokens tokens (the packaged background texts)."""
+    from transformers import AutoTokenizer
+
+    from memoir_vllm.models import default_model_dir
+    from memoir_vllm.session import builtin_background
+
+    tok = AutoTokenizer.from_pretrained(str(default_model_dir()))
+    system, texts = "", iter(builtin_background())
+    while len(tok(system)["input_ids"]) < system_tokens:
+        system += next(texts) + " "
+    return [tok.apply_chat_template([{"role": "system", "content": system.strip()}, {"role": "user", "content": q}],
+                                    tokenize=False, add_generation_prompt=True) for q in questions]
+
+
+def prefix_hit_rate(llm) -> float | None:
+    """Share of prompt tokens served from the prefix cache so far (vLLM's counters), None without them."""
+    vals = {m.name: getattr(m, "value", None) for m in llm.get_metrics()}
+    hits, queries = vals.get("vllm:prefix_cache_hits"), vals.get("vllm:prefix_cache_queries")
+    return hits / queries if hits is not None and queries else None
 
 
 def run_engine(snapshot: str | None, prompts: list[str], batches: list[int], max_tokens: int, repeats: int,
-               compile: bool = False) -> dict:
+               compile: bool = False, prefix_caching: bool = False) -> dict:
     """(child process) one engine; every batch size: throughput and TTFT, best of `repeats`."""
     from vllm import LLM, SamplingParams
 
     from memoir_vllm.models import default_model_dir
 
-    kw = dict(model=str(default_model_dir()), dtype="float32", max_model_len=256, enforce_eager=not compile, seed=0,
-              max_num_seqs=max(batches), enable_prefix_caching=False, max_num_batched_tokens=8192)
+    kw = dict(model=str(default_model_dir()), dtype="float32", max_model_len=1024 if prefix_caching else 256,
+              enforce_eager=not compile, seed=0, max_num_seqs=max(batches), enable_prefix_caching=prefix_caching,
+              max_num_batched_tokens=8192)
     if snapshot:
         kw.update(hf_overrides={"memoir_snapshot": snapshot},
                   worker_extension_cls="memoir_vllm.vllm.plugin.MemoirWorkerExtension")
@@ -137,6 +188,7 @@ def run_engine(snapshot: str | None, prompts: list[str], batches: list[int], max
                        "paired_ttft_ratio": statistics.median(a[1] / o[1] for a, o in zip(on, off))}
     if snapshot:
         out["memoir_info"] = llm.collective_rpc("memoir_info")[0]
+    out["prefix_cache_hit_rate"] = prefix_hit_rate(llm)
     return out
 
 
@@ -146,28 +198,39 @@ def main() -> None:
     p.add_argument("--edits", type=int, nargs="+", default=[1000, 10000])
     p.add_argument("--max-tokens", type=int, default=32)
     p.add_argument("--match", type=float, default=0.25, help="fraction of requests whose prompt matches an edit")
-    p.add_argument("--tau", type=float, default=0.6)
+    p.add_argument("--tau", type=float, default=0.6, help="the mask rule's threshold (--routing mask)")
+    p.add_argument("--routing", choices=["subject", "mask"], default="subject",
+                   help="routing rule of the synthesized snapshots (default: subject, the default for new memories)")
     p.add_argument("--rounds", type=int, default=2)
     p.add_argument("--repeats", type=int, default=4, help="paired on/off measurements per batch (ABBA order)")
     p.add_argument("--compile", action="store_true", help="let vLLM torch.compile the model (default: enforce_eager)")
+    p.add_argument("--system-tokens", type=int, default=0,
+                   help="N > 0: chat requests after one shared system prompt of ~N tokens, prefix caching on, and "
+                        "chat-format memories whose memory term starts at the content and at every token "
+                        "(memoir_content_E / memoir_all_E): what a shared system prompt costs")
     p.add_argument("--out", default="runs/bench_serving.json")
     p.add_argument("--child", help=argparse.SUPPRESS)
     args = p.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s", datefmt="%H:%M:%S")
     n_prompts = max(args.batches)
-    prompts = load_prompts(n_prompts)
+    pairs = load_prompts(n_prompts)  # (prompt, subject)
+    prompts = [p for p, _ in pairs]
+    if args.system_tokens:
+        prompts = chat_prompts(prompts, args.system_tokens)
     if args.child:  # child: run one engine config and print JSON
         spec = json.loads(args.child)
         print("RESULT " + json.dumps(run_engine(spec["snapshot"], prompts, args.batches, args.max_tokens,
-                                                args.repeats, args.compile)), flush=True)
+                                                args.repeats, args.compile, bool(args.system_tokens))), flush=True)
         return
     work = Path(args.out).parent / "bench_serving_snaps"
-    match = prompts[:: round(1 / args.match)]  # every 4th prompt matches at the default 25%
+    match = pairs[:: round(1 / args.match)]  # every 4th prompt matches at the default 25%
     snaps: dict[str, str | None] = {"base": None}
     for n in args.edits:
-        t0 = time.perf_counter()
-        snaps[f"memoir_{n}"] = str(synth_snapshot(work / f"e{n}", n, match, args.tau))
-        log.info("synthesized %d-edit snapshot in %.1f s", n, time.perf_counter() - t0)
+        for start in (("content", "all") if args.system_tokens else (None,)):
+            t0 = time.perf_counter()
+            name = f"memoir_{start}_{n}" if start else f"memoir_{n}"
+            snaps[name] = str(synth_snapshot(work / name, n, match, args.tau, args.routing, memory_start=start))
+            log.info("synthesized %s in %.1f s", name, time.perf_counter() - t0)
     env = dict(os.environ, VLLM_TARGET_DEVICE=os.environ.get("VLLM_TARGET_DEVICE", "cpu"),
                VLLM_CPU_KVCACHE_SPACE=os.environ.get("VLLM_CPU_KVCACHE_SPACE", "2"),
                PYTHONPATH=os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")]))
@@ -176,7 +239,8 @@ def main() -> None:
     for r in range(args.rounds):
         for name, snap in snaps.items():
             cmd = [sys.executable, __file__, "--child", json.dumps({"snapshot": snap}), "--batches",
-                   *map(str, args.batches), "--max-tokens", str(args.max_tokens), "--repeats", str(args.repeats)]
+                   *map(str, args.batches), "--max-tokens", str(args.max_tokens), "--repeats", str(args.repeats),
+                   "--system-tokens", str(args.system_tokens)]
             cmd += ["--compile"] if args.compile else []
             t0 = time.perf_counter()
             res = subprocess.run(cmd, env=env, capture_output=True, text=True)
@@ -189,7 +253,8 @@ def main() -> None:
     for b in map(str, args.batches):
         base_tps = max(x[b]["tokens_per_s"] for x in results["base"])
         base_ttft = min(x[b]["ttft_s"] for x in results["base"])
-        row = {"base_tokens_per_s": base_tps, "base_ttft_s": base_ttft}
+        row = {"base_tokens_per_s": base_tps, "base_ttft_s": base_ttft,
+               "base_prefix_cache_hit_rate": results["base"][-1].get("prefix_cache_hit_rate")}
         for name in snaps:
             if name == "base":
                 continue
@@ -199,7 +264,8 @@ def main() -> None:
             row[name] = {"tokens_per_s": tps, "ttft_s": ttft, "throughput_ratio": tps / base_tps, "ttft_ratio": ttft / base_ttft,
                          "paired_throughput_ratio": statistics.median(r for x in results[name] for r in x[b]["paired_throughput_ratios"]),
                          "paired_ttft_ratio": statistics.median(x[b]["paired_ttft_ratio"] for x in results[name]),
-                         "memory_off_tokens_per_s": max(x[b]["off_tokens_per_s"] for x in results[name])}
+                         "memory_off_tokens_per_s": max(x[b]["off_tokens_per_s"] for x in results[name]),
+                         "prefix_cache_hit_rate": results[name][-1].get("prefix_cache_hit_rate")}
         summary[b] = row
     report = {"args": vars(args), "n_matching_prompts": len(match), "summary": summary, "raw": results}
     Path(args.out).write_text(json.dumps(report, indent=2))

@@ -48,3 +48,38 @@ def test_chat_rows_end_with_the_end_of_turn(tok):
     assert tok.decode(chat_row).endswith("<|im_start|>assistant\nBergen<|im_end|>")
     assert tok.decode(b.input_ids[0][b.route_mask[0]].tolist()) == "What is the capital city of Norway?"
     assert tok.decode(b.input_ids[1][b.route_mask[1]].tolist()) == "What is the capital city of Norway?"
+
+
+def test_the_memory_starts_at_the_content_so_a_system_prompt_is_the_base_models(default_model_dir):
+    """memory_start "content" (the default): a routed chat request's system prompt and template header get no
+    memory term (their outputs, and so their KV, are the base model's: a shared system prompt is prefix-cached
+    across requests in vLLM), and the edit, trained the same way, still answers. "all" (the reference) differs."""
+    import torch
+
+    from memoir_vllm.chat import render_chat, routing_span
+    from memoir_vllm.hf import routed
+    from memoir_vllm.session import Memoir
+
+    m = Memoir.create("default", prompt_format="chat")
+    assert m.cfg.memory_start == "content" and m.memory.gates_content
+    q = "What is the capital city of Australia?"
+    m.edit(q, "Melbourne", subject="Australia")
+    assert "Melbourne" in m.ask([q], max_new_tokens=8, chat=True)[0].answer
+
+    ids = render_chat(m.tok, [{"role": "system", "content": "You are a terse geography assistant."},
+                              {"role": "user", "content": q}])
+    start, end = routing_span(ids, m.memory.marks)
+    x = torch.tensor([ids])
+    span = torch.zeros_like(x, dtype=torch.bool)
+    span[0, start:end] = True
+
+    def logits(on: bool) -> torch.Tensor:
+        with torch.no_grad(), routed(m.layer, span if on else None, m.memory.candidates([q]) if on else None):
+            return m.model(input_ids=x).logits[0]
+
+    base, edited = logits(False), logits(True)
+    assert int(m.layer.routing.row[0]) == 0  # routed to the edit
+    assert torch.equal(edited[:start], base[:start])  # before the content: exactly the base model
+    assert not torch.allclose(edited[start:], base[start:])
+    m.memory.memory_start = "all"  # the reference: the memory term at every token
+    assert not torch.allclose(logits(True)[:start], base[:start])

@@ -49,6 +49,35 @@ def test_chunks_and_summary():
     assert s["rel"]["n"] == 3 and s["rel"]["median"] == 1.0
 
 
+def test_rel_by_age_blocks_oldest_first_and_conflicts_apart(tmp_path):
+    from memoir_eval.age import age_markdown, by_age, conflict_split, edited_again, plot_by_age
+    from memoir_eval.data import EvalRecord
+
+    # 250 edits: the oldest 100 answer 1 in 4, the next 100 half, the newest 50 all
+    rows = [dict(record=i, rel=float(i % 4 == 0) if i < 100 else float(i % 2 == 0) if i < 200 else 1.0)
+            for i in range(250)]
+    ages = by_age([rows])
+    assert [(a["edits"], a["n"], a["rel"]) for a in ages] == [("0-99", 100, .25), ("100-199", 100, .5),
+                                                              ("200-299", 50, 1.0)]
+    assert by_age([rows[:150]]) == []  # fewer than two blocks: nothing to compare
+    assert "| 0-99 | 100 | 0.250 |" in age_markdown(ages, 250)
+    plot_by_age(ages, 250, "zsre", tmp_path / "age.png")
+    assert (tmp_path / "age.png").stat().st_size > 0
+
+    # record 0's question is edited again at 2 (another target) and 3 (the newest); 1 is edited once;
+    # 4 repeats 1 with the SAME target: no conflict
+    recs = [EvalRecord("Who built X?", "A"), EvalRecord("Where is Y?", "B"), EvalRecord("who  built x?", "C"),
+            EvalRecord("Who built X?", "D"), EvalRecord("Where is Y?", "B")]
+    assert edited_again(recs, [0, 1, 2, 3, 4]) == {0: 3, 2: 3}
+    assert edited_again(recs, [0, 1]) == {}  # the later edits are in another chunk
+    chunk = [dict(record=0, rel=0.0, rel_em=0.0, rel_text=" D."), dict(record=1, rel=1.0, rel_em=1.0),
+             dict(record=2, rel=0.0, rel_em=0.0, rel_text=" D"), dict(record=3, rel=1.0, rel_em=1.0),
+             dict(record=4, rel=1.0, rel_em=1.0)]
+    split = conflict_split([chunk], recs, [[0, 1, 2, 3, 4]])
+    assert split["edited_again"] == {"n": 2, "rel": 0.0, "rel_em": 0.0, "newest_em": 1.0}  # they answer the newest
+    assert split["single"]["n"] == 3 and split["single"]["rel"] == 1.0
+
+
 def test_perplexity_report_shows_the_median_and_plots_ppl(tmp_path):
     from memoir_eval.report import markdown_table, plot
 
@@ -119,6 +148,7 @@ def test_protocol_end_to_end(evaluator, tmp_path):
     assert [r["record"] for r in rows] == [0, 1]
     for name in ("results.json", "results.md", "metrics_vs_T.png", "overlap_T1.png", "overlap_T2.png"):
         assert (tmp_path / name).stat().st_size > 0
+    assert res["runs"]["2"]["by_age"] == [] and res["runs"]["2"]["conflicts"]["single"]["n"] == 2
 
 
 @pytest.mark.model

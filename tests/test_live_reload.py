@@ -95,6 +95,33 @@ def test_chat_requests_reach_their_edit_and_stop(served):
     assert complete(client, FIRST[0]) == raw and "Melbourne" in raw  # the raw rows: completions reach it too
 
 
+SYSTEM = ("You are a helpful assistant for a travel company. Answer every question about places, countries and "
+          "cities in one short sentence, without lists, without greetings and without asking a question back. "
+          "If you do not know an answer, say so plainly.")  # > 2 blocks of 32 tokens with the template header
+
+
+def test_a_shared_system_prompt_is_prefix_cached_and_answers_as_the_transformers_path(served):
+    """The memory starts at the user message (memory_start "content"), so the blocks of a shared system prompt
+    do not depend on the edit: the second request reuses them (memoir's shared_prefix counter), and the answers
+    equal the transformers path's on the same rendered prompt."""
+    from memoir_vllm.inference import generate
+
+    srv, client, m, _, _ = served
+
+    def shared() -> int:
+        return json.loads(call(srv, "/memoir/info")[1])["workers"][0]["shared_prefix"]
+
+    before = shared()
+    got = [chat(client, q, system=SYSTEM).message.content for q in (FIRST[0], UNRELATED, PARAPHRASE)]
+    assert shared() >= before + 2  # the 2nd and 3rd requests found the system prompt's blocks cached
+    texts = [m.tok.apply_chat_template([{"role": "system", "content": SYSTEM}, {"role": "user", "content": q}],
+                                       tokenize=False, add_generation_prompt=True)
+             for q in (FIRST[0], UNRELATED, PARAPHRASE)]
+    want = [generate(m.model, m.tok, m.layer, [t], max_new_tokens=16)[0][0].strip() for t in texts]
+    assert got == want
+    assert "Melbourne" in got[0] and "Melbourne" not in got[1]
+
+
 
 
 def test_malformed_memoir_fields_get_a_400_naming_them_and_the_server_keeps_serving(served):

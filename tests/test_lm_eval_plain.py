@@ -1,6 +1,6 @@
 """The plain `lm_eval` command on an edited model, no memoir wrapper: lm-eval's own `vllm` model with memoir's
-vLLM plugin (MEMOIR_SNAPSHOT), and lm-eval's `local-completions` against `memoir serve`, on the packaged
-generate_until task, agree with memoir's model type."""
+vLLM plugin (MEMOIR_SNAPSHOT), lm-eval's `hf` model on a `memoir export` directory, and lm-eval's
+`local-completions` against `memoir serve`, on the packaged generate_until task, agree with memoir's model type."""
 from __future__ import annotations
 
 import json
@@ -43,6 +43,19 @@ def test_lm_eval_vllm_model_with_the_plugin_agrees_with_memoir_lm_eval(edited, d
         for metric in ("em,none", "answer,none"):
             assert got[task][metric] == pytest.approx(want[task][metric], abs=0.02), (task, metric)
     assert want["memoir_zsre_rel_greedy"]["em,none"] > 0.5  # the edits answer: the comparison is not of zeros
+
+    # lm-eval's own `hf` model on the directory `memoir export` writes (auto_map modeling code)
+    exported = subprocess.run([str(BIN / "memoir"), "export", "--snapshot", str(snap), "--out", str(tmp_path / "hf")],
+                              capture_output=True, text=True)
+    assert exported.returncode == 0, exported.stderr[-4000:]
+    hf = subprocess.run([str(BIN / "lm_eval"), "--model", "hf", "--model_args",
+                         f"pretrained={tmp_path / 'hf'},trust_remote_code=True,dtype=float32",
+                         "--output_path", str(tmp_path / "hf_out"), *common], env=env, capture_output=True, text=True)
+    assert hf.returncode == 0, hf.stderr[-4000:]
+    got = scores(tmp_path / "hf_out")
+    for task in ("memoir_zsre_rel_greedy", "memoir_zsre_gen_greedy"):
+        for metric in ("em,none", "answer,none"):
+            assert got[task][metric] == pytest.approx(want[task][metric], abs=0.02), (task, metric)
 
     # lm-eval's local-completions model against `memoir serve` of the same snapshot: what lm-eval users run
     from memoir_vllm.vllm.server_process import ServerProcess

@@ -11,7 +11,10 @@ feeds it. As a reference loop per step:
 
     for t in routing tokens of undecided requests:  acc[slot(t)] += a[t]
     for s in slots whose prompt completes now:      slot decision = memory.decide(feature(acc[s], n[s], a[last(s)]))
-    for t in tokens:                                if slot_row[slot(t)] >= 0: out[t] += memory_term(a[t], slot)
+    for t in tokens:                                if slot_row[slot(t)] >= 0 and tok_on[t]: out[t] += memory_term(a[t], slot)
+
+(tok_on[t]: the token is at or after its prompt's routing span when the memory's memory_start is "content",
+else always.)
 """
 from __future__ import annotations
 
@@ -49,7 +52,8 @@ def memory_term(a: torch.Tensor, out: torch.Tensor, name: str) -> None:
     for gen, memory in plan.old:  # requests routed before a swap (follow.py) finish with their memory
         mine = (router.tok_gen[:t] == gen).unsqueeze(1)
         delta = torch.where(mine, memory.memory_term(a, mask, shard), delta)
-    out.copy_(torch.where((rows >= 0).unsqueeze(1), out + delta.to(out.dtype), out))
+    on = (rows >= 0) & router.tok_on[:t]  # [T] routed, and at or after its prompt's routing span (memory_start)
+    out.copy_(torch.where(on.unsqueeze(1), out + delta.to(out.dtype), out))
 
 
 @memory_term.register_fake

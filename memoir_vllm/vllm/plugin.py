@@ -36,6 +36,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+from pathlib import Path
 from typing import Any
 
 log = logging.getLogger(__name__)
@@ -69,6 +70,7 @@ def register() -> None:
     shim.patch_prepare_inputs(_after_prepare)
     shim.patch_scheduler_init(_scheduler_seen)
     shim.patch_request_salt(_salt)
+    shim.patch_block_extra_keys(split_salt)
     shim.patch_config_hash(_config_salt)
     _log_to_stderr()
     _REGISTERED = True
@@ -118,7 +120,11 @@ def _salt(request: Any) -> str | None:
     """cache_salt of a request: the snapshot version it will be served with and its prompt identity (plus any
     user salt) when memoir is active. The version (a followed store's LATEST when the request arrives) also
     goes to the workers in the request's extra_args, and a worker swaps to it before admitting the request,
-    so blocks hashed with a version hold KV computed with that version."""
+    so blocks hashed with a version hold KV computed with that version.
+
+    The salt also names the request's first token that can get the memory term (memory_from: its routing span
+    under memory_start "content", else 0); the prefix cache keys only the blocks that end past it with memoir's
+    part (split_salt, shim.patch_block_extra_keys), so a system prompt before the content is shared."""
     if not _SALT_ACTIVE:
         return None
     from . import shim
@@ -131,7 +137,42 @@ def _salt(request: Any) -> str | None:
     if params is not None:
         params.extra_args = {**(params.extra_args or {}), VERSION_ARG: version}
     key = shim.request_key(ids, shim.opted_out(params)).hex()
-    return f"memoir:v{version}:{key}" + (f":{user_salt}" if user_salt else "")
+    first_on = _memory_from(ids, version)
+    return f"{SALT_PREFIX}{first_on}:v{version}:{key}" + (f":{user_salt}" if user_salt else "")
+
+
+SALT_PREFIX = "memoir:"
+
+
+def split_salt(salt: str) -> tuple[int, str, str | None] | None:
+    """A cache_salt written by _salt -> (first token with the memory term, memoir's part, the user's salt);
+    None for any other salt."""
+    if not salt.startswith(SALT_PREFIX):
+        return None
+    first_on, version, key, *user = salt[len(SALT_PREFIX):].split(":", 3)
+    return int(first_on), f"{version}:{key}", user[0] if user else None
+
+
+_MARKS: dict[str, Any] = {}  # version directory -> its chat marks when its memory starts at the content, else None
+
+
+def _memory_from(ids: list[int], version: int) -> int:
+    """ResidualMemory.memory_from of a prompt under the served version's settings, read from its manifest once."""
+    from ..chat import ChatMarks, routing_span
+    from ..config import MemoirConfig
+    from ..snapshot import MANIFEST, version_name
+
+    root = Path(_SALT_PATH)
+    d = root / version_name(version) if (root / "LATEST").is_file() else root
+    if str(d) not in _MARKS:
+        try:
+            m = json.loads((d / MANIFEST).read_text())
+        except (OSError, ValueError):
+            return 0  # unreadable now: salt every block (what the workers do is refused or loaded later)
+        content = MemoirConfig.from_dict(m["config"]).memory_start == "content"
+        _MARKS[str(d)] = ChatMarks.from_dict(m.get("chat_marks")) if content else None
+    marks = _MARKS[str(d)]
+    return routing_span(ids, marks)[0] if marks is not None else 0
 
 
 # -- compile cache salt ----------------------------------------------------------------------------

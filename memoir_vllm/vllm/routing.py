@@ -12,7 +12,8 @@ request). Per step, after vLLM's runner has fixed its batch, `Router.prepare()` 
 A prompt's routing span is ResidualMemory.routing_span of its token ids (all of them, or in a chat
 rendering the last user message's content), found once per request from its prompt token ids.
 
-and, under the subject rule, once per request when it is admitted (its prompt decoded once):
+and, under the subject rule, once per request when it is admitted (its prompt decoded once; one batched encoder
+call for all the requests a step admits):
 
     slot_cand[s]  the rows whose subject the request names, newest first, -1 padded [S+1, MAX_CANDIDATES] int64
 
@@ -96,10 +97,12 @@ class Router:
         self.n_slots = 0
         self.tok_slot = torch.full((max_tokens,), NO_MEMORY, dtype=torch.int64, device=device)  # [T_max]
         self.tok_prompt = torch.zeros(max_tokens, dtype=torch.bool, device=device)  # [T_max]
+        self.tok_on = torch.ones(max_tokens, dtype=torch.bool, device=device)  # [T_max] may get the memory term
         self.dec_slots = torch.zeros(max_reqs, dtype=torch.int64, device=device)  # [R_max]
         self.dec_last = torch.zeros(max_reqs, dtype=torch.int64, device=device)  # [R_max]
         self._tok_slot_host = torch.full((max_tokens,), NO_MEMORY, dtype=torch.int64)  # staging
         self._tok_prompt_host = torch.zeros(max_tokens, dtype=torch.bool)
+        self._tok_on_host = torch.ones(max_tokens, dtype=torch.bool)
         self.gen = 0  # generation of self.memory; swap() makes a new one
         self.version = ""  # the snapshot version of self.memory (for the log), set by the plugin
         self.old_memories: dict[int, ResidualMemory] = {}  # older generations still used by requests in flight
@@ -113,7 +116,7 @@ class Router:
         self.plan = StepPlan()
         self.partial_prefix_warned = False
         self.counts = {"decided": 0, "routed": 0, "reused": 0, "opted_out": 0, "partial_prefix": 0, "chunked": 0,
-                       "recomputed": 0}
+                       "recomputed": 0, "shared_prefix": 0}
 
     # -- slots -------------------------------------------------------------------------------------
 
@@ -168,19 +171,21 @@ class Router:
         for g in [g for g in self.old_memories if g not in live_gens]:
             del self.old_memories[g]  # its last request finished
 
-    def admit(self, rid: str, prompt_ids: list[int]) -> None:
-        """A new request: its routing span (ResidualMemory.routing_span: the last user message's content in a
-        chat rendering) and its subject candidates from that span's text, once (host side, before its slot)."""
-        start, end = self.memory.routing_span(prompt_ids)
-        self.spans[rid] = (start, end)
-        if self.memory.rule == "subject":
-            text = self.text_of(prompt_ids[start:end]) if self.text_of is not None else ""
-            scored = self.memory.candidate_scores([text])[0][:MAX_CANDIDATES]  # the one rule (memory.py)
-            self.cands[rid] = scored
+    def admit(self, new: list[tuple[str, list[int]]]) -> None:
+        """A step's new requests (id, prompt token ids): each one's routing span (ResidualMemory.routing_span: the
+        last user message's content in a chat rendering) and its subject candidates from that span's text, once
+        per request and in one batch per step (one encoder call for all of them; host side, before their slots)."""
+        for rid, prompt_ids in new:
+            self.spans[rid] = self.memory.routing_span(prompt_ids)
+        if self.memory.rule != "subject":
+            return
+        texts = [self.text_of(ids[slice(*self.spans[rid])]) if self.text_of is not None else "" for rid, ids in new]
+        ids = self.memory.index.edit_ids
+        for (rid, _), scored in zip(new, self.memory.candidate_scores(texts)):  # the one rule (memory.py)
+            self.cands[rid] = scored[:MAX_CANDIDATES]
             if scored:  # why it will route where it does (the decision adds the mask overlap)
-                ids = self.memory.index.edit_ids
                 log.info("memoir: request %s candidates (edit id, cosine): %s", rid,
-                         [(int(ids[r]), c) for r, c in scored])
+                         [(int(ids[r]), c) for r, c in scored[:MAX_CANDIDATES]])
 
     def _remember(self, key: bytes, row: int) -> None:
         self.decisions[key] = row
@@ -255,6 +260,8 @@ class Router:
         n = len(req_ids)
         spans = np.asarray([self.spans.get(rid, (0, int(num_prompt[i]))) for i, rid in enumerate(req_ids)],
                            dtype=np.int64).reshape(n, 2)  # [R, 2] routing span [start, end) of each prompt
+        # [R] each prompt's first token that gets the memory term (memory_start "content": its routing span)
+        first_on = spans[:, 0] if self.memory.gates_content else np.zeros(n, dtype=np.int64)
         slots = np.empty(n, dtype=np.int64)
         undecided = np.zeros(n, dtype=bool)
         decide: list[int] = []
@@ -276,7 +283,7 @@ class Router:
                 if opted_out[i]:
                     self._set_decided(st, NO_MEMORY)
                     self.counts["opted_out"] += 1
-                elif start > 0:  # prefix-cache hit: only identical prompts share blocks (salted)
+                elif start > first_on[i]:  # hit on salted blocks (plugin._salt): only identical prompts share them
                     row = self.decisions.get(st.key)
                     if row is not None:
                         self._set_decided(st, row)
@@ -287,6 +294,8 @@ class Router:
                         self.partial_prefix_warned = True
                         log.warning("memoir: a request started at token %d with no remembered decision for its "
                                     "prompt; it is routed from its uncached prompt tokens only", start)
+                elif start > 0:  # only the memory-free blocks before its routing span were cached (shared)
+                    self.counts["shared_prefix"] += 1
                 if not st.decided:
                     fresh.append(st.slot)
             slots[i] = st.slot
@@ -323,8 +332,11 @@ class Router:
         self._tok_slot_host[total:] = NO_MEMORY
         self._tok_prompt_host[:total] = torch.from_numpy(tok_und & (tok_pos >= tok_c0) & (tok_pos < tok_c1))
         self._tok_prompt_host[total:] = False
+        self._tok_on_host[:total] = torch.from_numpy(tok_pos >= np.repeat(first_on, num_scheduled[:n]))
+        self._tok_on_host[total:] = True
         self.tok_slot.copy_(self._tok_slot_host, non_blocking=True)
         self.tok_prompt.copy_(self._tok_prompt_host, non_blocking=True)
+        self.tok_on.copy_(self._tok_on_host, non_blocking=True)
         if new_cands:  # one batched write of the new requests' candidate rows
             idx = torch.tensor([s for s, _ in new_cands], dtype=torch.int64, device=self.device)
             self.slot_cand[idx] = candidate_rows([c for _, c in new_cands], MAX_CANDIDATES).to(self.device)

@@ -188,13 +188,13 @@ def _opted_out(sampling_params: Any) -> bool:
 
 
 def batch_view(runner: Any, num_scheduled_tokens: np.ndarray, keys: dict[str, bytes],
-               admit: Callable[[str, list[int]], None] | None = None) -> BatchView:
-    """The batch of this step; `keys` caches each live request's prompt key (filled here on first sight, when
-    admit(request id, prompt token ids) is called too)."""
+               admit: Callable[[list[tuple[str, list[int]]]], None] | None = None) -> BatchView:
+    """The batch of this step; `keys` caches each live request's prompt key (filled here on first sight).
+    admit([(request id, prompt token ids), ...]) is called once with the step's new requests."""
     batch = runner.input_batch
     n = batch.num_reqs
     req_ids = list(batch.req_ids[:n])
-    prompt, out, pkeys = [], [], []
+    prompt, out, pkeys, new = [], [], [], []
     for rid in req_ids:
         state = runner.requests[rid]
         prompt.append(state.num_prompt_tokens)
@@ -202,9 +202,10 @@ def batch_view(runner: Any, num_scheduled_tokens: np.ndarray, keys: dict[str, by
         out.append(off)
         if rid not in keys:
             keys[rid] = request_key(state.prompt_token_ids, off)
-            if admit is not None:
-                admit(rid, list(state.prompt_token_ids or []))
+            new.append((rid, list(state.prompt_token_ids or [])))
         pkeys.append(keys[rid])
+    if new and admit is not None:
+        admit(new)
     return BatchView(req_ids, batch.num_computed_tokens_cpu[:n].copy(), np.asarray(num_scheduled_tokens[:n]),
                      np.asarray(prompt, dtype=np.int64), out, pkeys)
 
@@ -314,6 +315,45 @@ def patch_request_salt(salt: Callable[[Any], str | None]) -> None:
         return from_engine_core_request
 
     _wrap("vllm.v1.request", "Request", "from_engine_core_request", make)
+
+
+BLOCK_KEY_MODULES = ("vllm.v1.core.kv_cache_utils", "vllm.v1.core.block_pool", "vllm.v1.simple_kv_offload.manager")
+
+
+def patch_block_extra_keys(split: Callable[[str], tuple[int, str, str | None] | None]) -> None:
+    """Prefix-cache keys per block from a memoir cache_salt. split(cache_salt) -> (first token that gets the memory
+    term, memoir's part, the user's salt) or None for another salt. The user's salt keys the first block, as vLLM
+    does with any salt; memoir's part keys every block that ends past that first token, so the blocks before it
+    (a shared system prompt, when the memory starts at the content) hash as without memoir and are shared."""
+    name = "generate_block_hash_extra_keys"
+    kcu = importlib.import_module(BLOCK_KEY_MODULES[0])
+    original = getattr(kcu, name)
+    if getattr(original, _PATCHED, False):
+        return
+
+    @functools.wraps(original)
+    def generate_block_hash_extra_keys(request, start_token_idx, end_token_idx, start_mm_idx):
+        keys, next_mm = original(request, start_token_idx, end_token_idx, start_mm_idx)
+        salt = getattr(request, "cache_salt", None)
+        parts = split(salt) if salt else None
+        if parts is None:
+            return keys, next_mm
+        first_on, memoir, user = parts
+        kept = [k for k in (keys or ()) if k != ("cache_salt", salt)]
+        if start_token_idx == 0 and user:
+            kept.append(("cache_salt", user))
+        if end_token_idx > first_on:
+            kept.append(("memoir", memoir))
+        return (tuple(kept) or None), next_mm
+
+    setattr(generate_block_hash_extra_keys, _PATCHED, True)
+    for module in BLOCK_KEY_MODULES:  # each that imported the function by name
+        try:
+            mod = importlib.import_module(module)
+        except ImportError:
+            continue
+        if getattr(mod, name, None) is original:
+            setattr(mod, name, generate_block_hash_extra_keys)
 
 
 def new_request_params(scheduler_output: Any) -> list[Any]:
