@@ -150,22 +150,32 @@ def run_engine(snapshot: str | None, prompts: list[str], batches: list[int], max
 
     kw = dict(model=str(default_model_dir()), dtype="float32", max_model_len=1024 if prefix_caching else 256,
               enforce_eager=not compile, seed=0, max_num_seqs=max(batches), enable_prefix_caching=prefix_caching,
-              max_num_batched_tokens=8192)
+              max_num_batched_tokens=8192, disable_log_stats=not prefix_caching)  # stats: the prefix-cache hit rate
     if snapshot:
         kw.update(hf_overrides={"memoir_snapshot": snapshot},
                   worker_extension_cls="memoir_vllm.vllm.plugin.MemoirWorkerExtension")
     t0 = time.perf_counter()
     llm = LLM(**kw)
     init_s = time.perf_counter() - t0
-    llm.generate(prompts[:4], SamplingParams(temperature=0, max_tokens=4), use_tqdm=False)  # warm-up
+    llm.generate(prompts[-4:], SamplingParams(temperature=0, max_tokens=4), use_tqdm=False)  # warm-up
     out: dict = {"init_s": init_s}
+
+    served = [0]  # prompts handed out so far (with prefix caching every batch is new prompts)
+
+    def fresh(batch: list[str]) -> list[str]:
+        if not prefix_caching:
+            return batch  # the same batch again: prefix caching is off, repeats measure compute
+        start = served[0]
+        served[0] += len(batch)
+        return [prompts[(start + i) % len(prompts)] for i in range(len(batch))]
 
     def measure(batch: list[str]) -> tuple[float, float]:
         t0 = time.perf_counter()
-        res = llm.generate(batch, SamplingParams(temperature=0, max_tokens=max_tokens, ignore_eos=True), use_tqdm=False)
+        res = llm.generate(fresh(batch), SamplingParams(temperature=0, max_tokens=max_tokens, ignore_eos=True),
+                           use_tqdm=False)
         tps = sum(len(r.outputs[0].token_ids) for r in res) / (time.perf_counter() - t0)
         t0 = time.perf_counter()
-        llm.generate(batch, SamplingParams(temperature=0, max_tokens=1), use_tqdm=False)
+        llm.generate(fresh(batch), SamplingParams(temperature=0, max_tokens=1), use_tqdm=False)
         return tps, time.perf_counter() - t0
 
     for b in batches:
@@ -212,7 +222,8 @@ def main() -> None:
     p.add_argument("--child", help=argparse.SUPPRESS)
     args = p.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s", datefmt="%H:%M:%S")
-    n_prompts = max(args.batches)
+    # with a system prompt (prefix caching on) every measured batch is new questions: 2 batches per measurement
+    n_prompts = max(args.batches) * (4 * args.repeats + 1 if args.system_tokens else 1)
     pairs = load_prompts(n_prompts)  # (prompt, subject)
     prompts = [p for p, _ in pairs]
     if args.system_tokens:
