@@ -91,6 +91,10 @@ class MemoirConfig:
                                   "raw (the default and the reference: prompt text as is, routed from all its tokens) or auto "
                                   "(chat when the tokenizer has a chat template; not yet measured, see #22)",
                                   PROMPT_FORMATS)
+    mask_key: str = _setting("subject", "under the subject rule, relabel each edit's TopHash mask by a key drawn "
+                             "from its subject, so edits of one relation about different subjects train nearly "
+                             "disjoint columns of W_m (routing decisions are unchanged: overlaps within a subject "
+                             "are); none: the paper's masks", ("subject", "none"))
     memory_start: str = _setting("content", "where a routed request's memory term starts: content (at its routing "
                                  "span: in a chat rendering the last user message's content, so the system prompt and "
                                  "template header get none, their KV does not depend on the edit and a shared system "
@@ -156,7 +160,7 @@ class MemoirConfig:
             raise ValueError(f"unknown MemoirConfig keys {unknown}; known keys: {sorted(known)}")
         # stored before a setting existed: what ran then (the coupled decay, the mask-only routing, raw prompts)
         return cls(**{"decay": "coupled", "routing": "mask", "subject_check": "none", "supersede": False,
-                      "prompt_format": "raw", "answer_end": "none", "memory_start": "all", **d})
+                      "prompt_format": "raw", "answer_end": "none", "memory_start": "all", "mask_key": "none", **d})
 
 
 # Named presets. "reference" is the paper's Llama-3-8B setting; per-model presets are measured
@@ -164,7 +168,7 @@ class MemoirConfig:
 PRESETS: dict[str, dict[str, Any]] = {
     "reference": dict(tau=0.4, lr=1.0, n_iter=30, optimizer="sgd", grad_clip=1.0, fast=False, weight_decay=1e-5,
                       decay="coupled", routing="mask", supersede=False, prompt_format="raw", answer_end="none",
-                      memory_start="all"),
+                      memory_start="all", mask_key="none"),
     "llama3-8b": dict(layer=27, k=4096, tau=0.4, lr=1.0, n_iter=30),
     "gptj-6b": dict(layer=21, k=4096, tau=0.4, lr=1.0, n_iter=70),
     # SmolLM2-135M (30 blocks, D=1536), measured: see docs/defaults.md

@@ -148,11 +148,12 @@ class SequentialEditor:
         return encode_pairs(self.tok, prompts, [target] * len(prompts), self.max_length, marks=self.memory.marks,
                             chat=flags, end=self.cfg.answer_end).to(self.model.device)
 
-    def edit(self, prompt: str, target: str, shard: int = 0, edit_id: int | None = None) -> EditResult:
+    def edit(self, prompt: str, target: str, shard: int = 0, edit_id: int | None = None, key: int = 0) -> EditResult:
         """Train W_m on one (prompt, target) under the prompt's TopHash mask, then store the mask.
 
         edit_id: the id stored with the mask (default: the next row number); Ray jobs pass the
         edit's global position in its file so that shard memories merge into one numbering.
+        key: the mask key (ResidualMemory.key_of the edit's subject; 0: the paper's mask).
         """
         if not target.strip():
             raise ValueError(f"empty target for prompt {prompt[:60]!r}: every edit needs a non-empty target")
@@ -160,7 +161,7 @@ class SequentialEditor:
             raise ValueError("empty prompt: every edit needs a prompt to route from")
         t0 = time.perf_counter()
         batch = self.rows(prompt, target)
-        step_fn, mask_idx = (self._fast_steps if self.cfg.fast else self._reference_steps)(batch, shard)
+        step_fn, mask_idx = (self._fast_steps if self.cfg.fast else self._reference_steps)(batch, shard, key)
         result = EditResult(edit_id=-1, mask_idx=mask_idx)
         w = self.memory.weight.requires_grad_(True)
         opt_cls = torch.optim.SGD if self.cfg.optimizer == "sgd" else torch.optim.Adam
@@ -178,25 +179,25 @@ class SequentialEditor:
                 opt.step()
             losses.append(loss.item())
         w.grad = None
-        result.edit_id = self.memory.add_edit(mask_idx, edit_id=edit_id, shard=shard)
+        result.edit_id = self.memory.add_edit(mask_idx, edit_id=edit_id, shard=shard, key=key)
         result.seconds = time.perf_counter() - t0
         return result
 
     # -- the two ways of computing the loss under the edit's mask ---------------------------
 
-    def _mask_from(self, acts: torch.Tensor, batch: PairBatch) -> torch.Tensor:
-        """The edit's mask indices [k] from the plain row's routing span."""
-        return self.memory.masks_from_acts(acts[:1], batch.route_mask[:1])[0]
+    def _mask_from(self, acts: torch.Tensor, batch: PairBatch, key: int) -> torch.Tensor:
+        """The edit's mask indices [k] from the plain row's routing span, keyed by `key`."""
+        return self.memory.masks_from_acts(acts[:1], batch.route_mask[:1], key)[0]
 
     def _memory_positions(self, batch: PairBatch) -> torch.Tensor | None:
         """[R, T] bool: where each training row gets the memory term, as it will when served (memory_start
         "content": from its routing span on, so a chat row's template header gets none); None: everywhere."""
         return from_span(batch.route_mask) if self.memory.gates_content else None
 
-    def _reference_steps(self, batch: PairBatch, shard: int):
+    def _reference_steps(self, batch: PairBatch, shard: int, key: int = 0):
         with torch.no_grad(), capturing(self.layer):
             self.model(input_ids=batch.input_ids[:1], attention_mask=batch.attention_mask[:1], use_cache=False)
-        mask_idx = self._mask_from(self.layer.captured, batch)
+        mask_idx = self._mask_from(self.layer.captured, batch, key)
         mask = indices_to_mask(mask_idx.view(1, -1), self.memory.d_inner)[0]
 
         positions = self._memory_positions(batch)
@@ -208,11 +209,11 @@ class SequentialEditor:
 
         return step, mask_idx
 
-    def _fast_steps(self, batch: PairBatch, shard: int):
+    def _fast_steps(self, batch: PairBatch, shard: int, key: int = 0):
         spec = arch_spec(self.model.config.model_type)
         if not spec.residual_additive:
             log.debug("fast editing needs a residual-additive block; using the reference path")
-            return self._reference_steps(batch, shard)
+            return self._reference_steps(batch, shard, key)
         blocks = decoder_layers(self.model)
         li = self.cfg.layer
         saved: dict = {}
@@ -234,7 +235,7 @@ class SequentialEditor:
             for h in hooks:
                 h.remove()
         acts = self.layer.captured  # [R, T, D]
-        mask_idx = self._mask_from(acts, batch)
+        mask_idx = self._mask_from(acts, batch, key)
         mask = indices_to_mask(mask_idx.view(1, -1), self.memory.d_inner)  # [1, D]
         h_base = saved["h"]  # [R, T, d_model] block output without memory
         norm = get_module(self.model, spec.final_norm)

@@ -32,7 +32,7 @@ def unpack_masks(packed: torch.Tensor, d_inner: int) -> torch.Tensor:
 
 
 class MaskIndex(nn.Module):
-    """One mask per edit: packed masks, edit ids, active flags and shard ids, all buffers.
+    """One mask per edit: packed masks, edit ids, active flags, shard ids and mask keys, all buffers.
 
     best_match() answers, for a batch of query masks, the stored mask with the largest overlap
     |M_q & M_i| among active edits, as (ratio = overlap / k, row). Ties go to the lowest row.
@@ -51,6 +51,7 @@ class MaskIndex(nn.Module):
         self.register_buffer("edit_ids", torch.zeros(0, dtype=torch.int64))  # [N]
         self.register_buffer("active", torch.zeros(0, dtype=torch.bool))  # [N]
         self.register_buffer("shards", torch.zeros(0, dtype=torch.int64))  # [N]
+        self.register_buffer("keys", torch.zeros(0, dtype=torch.int64))  # [N] mask key (ResidualMemory.keyed)
         self._dense: torch.Tensor | None = None  # [N, D] float cache of active masks for matmul
 
     def __len__(self) -> int:
@@ -60,8 +61,9 @@ class MaskIndex(nn.Module):
     def n_active(self) -> int:
         return int(self.active.sum())
 
-    def add(self, masks: torch.Tensor, edit_ids: torch.Tensor, shards: torch.Tensor | None = None) -> None:
-        """Append masks [n, D] bool with their edit ids [n] (and shard ids [n], default 0)."""
+    def add(self, masks: torch.Tensor, edit_ids: torch.Tensor, shards: torch.Tensor | None = None,
+            keys: torch.Tensor | None = None) -> None:
+        """Append masks [n, D] bool with their edit ids [n] (and shard ids [n] and mask keys [n], default 0)."""
         if masks.shape[-1] != self.d_inner:
             raise ValueError(f"mask width {masks.shape[-1]} != index width D={self.d_inner}")
         dev = self.packed.device
@@ -71,6 +73,8 @@ class MaskIndex(nn.Module):
         self.edit_ids = torch.cat([self.edit_ids, edit_ids.to(dev, torch.int64)])
         self.active = torch.cat([self.active, torch.ones(n, dtype=torch.bool, device=dev)])
         self.shards = torch.cat([self.shards, shards.to(dev, torch.int64)])
+        keys = torch.zeros(n, dtype=torch.int64) if keys is None else keys
+        self.keys = torch.cat([self.keys, keys.to(dev, torch.int64)])
         self._dense = None
 
     def row_of(self, edit_id: int) -> int:

@@ -19,6 +19,8 @@ inside a forward. Everything is a buffer (or W_m a parameter), so `state_dict()`
 """
 from __future__ import annotations
 
+import hashlib
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
@@ -26,7 +28,7 @@ from torch import nn
 
 from .chat import ChatMarks, routing_span
 from .index import MaskIndex, unpack_masks
-from .subjects import SubjectGate
+from .subjects import SubjectGate, normalize
 from .tophash import Pooled, feature_from_pool, indices_to_mask, make_permutation, pool_prompt, tophash
 
 NO_EDIT = -1  # decision row of a request served by the base model
@@ -82,6 +84,10 @@ class ResidualMemory(nn.Module):
         subject_tau: threshold on overlap / k among the candidates (rule "subject").
         marks: the chat template's marks when edits were made in the chat format (prompts then route from
             their last user message's content: chat.routing_span); None routes every prompt from all its tokens.
+        mask_key: "subject" (with the subject rule): each edit's mask is its TopHash relabelled by a key drawn
+            from its subject (keyed), so edits of one relation about different subjects use nearly disjoint
+            columns of W_m instead of nearly the same ones, while overlaps among one subject's edits, and so
+            every routing decision, stay exactly as without; "none": the paper's masks.
         memory_start: "content": a routed request gets the memory term from its routing span's first token on
             (memory_from), so the tokens before it (a system prompt, the template header) are the base model's;
             "all": at every token (the reference). The same for raw prompts.
@@ -103,6 +109,7 @@ class ResidualMemory(nn.Module):
         check_tau: float = 0.7,
         marks: ChatMarks | None = None,
         memory_start: str = "all",
+        mask_key: str = "none",
     ) -> None:
         super().__init__()
         if k > d_inner:
@@ -117,8 +124,12 @@ class ResidualMemory(nn.Module):
         if memory_start not in ("content", "all"):
             raise ValueError(f"memory_start {memory_start!r}: use 'content' or 'all'")
         self.memory_start = memory_start
+        if mask_key not in ("subject", "none"):
+            raise ValueError(f"mask_key {mask_key!r}: use 'subject' or 'none'")
+        self.mask_key = mask_key
         self.weight = nn.Parameter(torch.zeros(n_shards, d_model, d_inner, dtype=dtype))  # [S, d_model, D]
         self.register_buffer("perm", make_permutation(d_inner, seed))  # [D]
+        self.register_buffer("perm_inv", torch.argsort(self.perm))  # [D]: perm_inv[perm[i]] = i
         self.register_buffer("background", torch.zeros(d_inner))  # [D]
         self.index = MaskIndex(d_inner, k)
         if subject_check not in ("encoder", "none"):
@@ -155,9 +166,28 @@ class ResidualMemory(nn.Module):
         """The routing feature [B, D] float32 of pooled routing tokens."""
         return feature_from_pool(pooled, self.background, self.feature)
 
-    def masks_from_acts(self, acts: torch.Tensor, prompt_mask: torch.Tensor) -> torch.Tensor:
-        """TopHash mask indices [B, k] from activations [B, T, D] over the routing tokens [B, T]."""
-        return tophash(self.feature_of(pool_prompt(acts, prompt_mask)), self.k, self.perm)
+    def masks_from_acts(self, acts: torch.Tensor, prompt_mask: torch.Tensor, key: int = 0) -> torch.Tensor:
+        """TopHash mask indices [B, k] from activations [B, T, D] over the routing tokens [B, T] (keyed by `key`)."""
+        return self.keyed(tophash(self.feature_of(pool_prompt(acts, prompt_mask)), self.k, self.perm), key)
+
+    def key_of(self, aliases: Sequence[str]) -> int:
+        """The mask key of an edit about `aliases`: drawn from its first alias (normalised) under mask_key
+        "subject" and the subject rule, else 0 (the paper's mask)."""
+        if self.mask_key != "subject" or self.rule != "subject" or not aliases:
+            return 0
+        digest = hashlib.sha256(normalize(aliases[0]).encode()).digest()
+        return int.from_bytes(digest[:8], "little") % self.d_inner
+
+    def keyed(self, mask_idx: torch.Tensor, keys: torch.Tensor | int) -> torch.Tensor:
+        """TopHash indices [..., k] relabelled by keys (an int or [...]): pi[(pi^-1[idx] + key) mod D], sorted.
+        Key 0 is the identity; one key relabels two masks alike, so their overlap is unchanged."""
+        if isinstance(keys, int):
+            if keys == 0:
+                return mask_idx
+            keys = torch.tensor(keys, device=mask_idx.device)
+        pos = self.perm_inv.to(mask_idx.device)[mask_idx]  # [..., k] the top-k positions
+        shifted = (pos + keys.unsqueeze(-1)) % self.d_inner if keys.dim() else (pos + keys) % self.d_inner
+        return self.perm.to(mask_idx.device)[shifted].sort(dim=-1).values
 
     @property
     def threshold_name(self) -> str:
@@ -252,7 +282,7 @@ class ResidualMemory(nn.Module):
             top, best = self.index.overlaps(query).max(dim=1)  # [B]; -1 = inactive
             tau = self.tau
         else:
-            top, best = self._best_candidate(query, candidates.to(dev))
+            top, best = self._best_candidate(mask_idx, candidates.to(dev))
             tau = self.threshold
         best = torch.where(top >= 0, best, none)
         ratio = top.clamp_min(0).float() / self.k
@@ -261,14 +291,17 @@ class ResidualMemory(nn.Module):
         mask = self.index.masks(safe) & (row >= 0).unsqueeze(1)  # [B, D]
         return Decision(row, best, ratio, mask, self.index.shards[safe] * (row >= 0), mask_idx)
 
-    def _best_candidate(self, query: torch.Tensor, cand: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def _best_candidate(self, mask_idx: torch.Tensor, cand: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """(overlap [B] int, -1 if no active candidate; row [B]) of the best of the candidate rows [B, C];
-        ties go to the first candidate (the newest). Reads only the candidates' masks."""
+        ties go to the first candidate (the newest). Reads only the candidates' masks, each against the query
+        mask [B, k] keyed as that candidate's (keyed)."""
         b, c = cand.shape
         safe = cand.clamp(0, len(self.index) - 1)
         valid = (cand >= 0) & (cand < len(self.index)) & self.index.active[safe]  # [B, C]
         masks = unpack_masks(self.index.packed[safe.flatten()], self.d_inner).view(b, c, -1)  # [B, C, D]
-        ov = (masks & query.unsqueeze(1)).sum(-1).masked_fill(~valid, -1)  # [B, C]
+        q_idx = self.keyed(mask_idx.unsqueeze(1).expand(b, c, -1), self.index.keys[safe])  # [B, C, k]
+        query = torch.zeros(b, c, self.d_inner, dtype=torch.bool, device=masks.device).scatter_(2, q_idx, True)
+        ov = (masks & query).sum(-1).masked_fill(~valid, -1)  # [B, C]
         top, j = ov.max(dim=1)
         return top, cand.gather(1, j.unsqueeze(1)).squeeze(1)
 
@@ -277,11 +310,11 @@ class ResidualMemory(nn.Module):
         d = self.decide_masks(mask_idx)
         return d.row, d.best, d.ratio
 
-    def add_edit(self, mask_idx: torch.Tensor, edit_id: int | None = None, shard: int = 0) -> int:
-        """Store one edit's mask (indices [k]); returns its edit id."""
+    def add_edit(self, mask_idx: torch.Tensor, edit_id: int | None = None, shard: int = 0, key: int = 0) -> int:
+        """Store one edit's mask (indices [k], already keyed by `key`); returns its edit id."""
         edit_id = self.n_edits if edit_id is None else edit_id
         mask = indices_to_mask(mask_idx.view(1, -1), self.d_inner)
-        self.index.add(mask, torch.tensor([edit_id]), torch.tensor([shard]))
+        self.index.add(mask, torch.tensor([edit_id]), torch.tensor([shard]), torch.tensor([key]))
         return edit_id
 
     # -- the memory term ------------------------------------------------------------------------
@@ -313,7 +346,8 @@ class ResidualMemory(nn.Module):
         fresh = ResidualMemory(self.d_model, self.d_inner, self.k, self.tau, self.seed, self.feature,
                                n_shards=self.n_shards if n_shards is None else n_shards, dtype=self.weight.dtype,
                                rule=self.rule, subject_tau=self.subject_tau, subject_check=self.subject_check,
-                               check_tau=self.check_tau, marks=self.marks, memory_start=self.memory_start)
+                               check_tau=self.check_tau, marks=self.marks, memory_start=self.memory_start,
+                               mask_key=self.mask_key)
         fresh.background.copy_(self.background)
         return fresh.to(self.perm.device)
 
@@ -327,4 +361,4 @@ def empty_memory(d_model: int, d_inner: int, cfg, n_shards: int = 1, dtype: torc
     return ResidualMemory(d_model, d_inner, cfg.k, cfg.tau, cfg.seed, cfg.feature, n_shards=n_shards, dtype=dtype,
                           rule=cfg.routing, subject_tau=cfg.subject_tau, subject_check=cfg.subject_check,
                           check_tau=cfg.check_tau, marks=marks if cfg.prompt_format == "chat" else None,
-                          memory_start=cfg.memory_start)
+                          memory_start=cfg.memory_start, mask_key=cfg.mask_key)

@@ -149,7 +149,7 @@ class Memoir:
         """
         aliases = as_aliases(subject) or (auto_subject(prompt),)
         same = self.same_question(prompt) if self.cfg.supersede else []
-        result = self.editor.edit(prompt, target, edit_id=edit_id)
+        result = self.editor.edit(prompt, target, edit_id=edit_id, key=self.memory.key_of(aliases))
         result.subject = aliases
         self.state.record(EditRecord(prompt, target, source, subject=aliases))
         for old in same:
@@ -235,10 +235,10 @@ class Memoir:
         from .tophash import indices_to_mask
 
         mem, out = self.memory, []
-        q = indices_to_mask(mask_idx, mem.d_inner)  # [B, D]
         for i, cands in enumerate(scored):
-            rows = [r for r, _ in cands]
-            ov = (mem.index.masks(torch.tensor(rows, dtype=torch.int64)) & q[i]).sum(1).tolist() if rows else []
+            rows = torch.tensor([r for r, _ in cands], dtype=torch.int64)
+            q = indices_to_mask(mem.keyed(mask_idx[i].expand(len(rows), -1), mem.index.keys[rows]), mem.d_inner)
+            ov = (mem.index.masks(rows) & q).sum(1).tolist() if len(rows) else []
             out.append([dict(edit_id=int(mem.index.edit_ids[r]), subject=list(mem.subjects.aliases[r]), cosine=c,
                              overlap=round(o / mem.k, 4)) for (r, c), o in zip(cands, ov)])
         return out

@@ -126,7 +126,8 @@ def merge_memories(snaps: list[Snapshot]) -> tuple[ResidualMemory, list[EditReco
     records: list[EditRecord] = []
     if rows:
         masks = torch.cat([snaps[s].memory.index.masks(torch.tensor([r])) for _, s, r in rows])  # [N, D]
-        memory.index.add(masks, torch.tensor(ids), torch.tensor([s for _, s, _ in rows]))
+        memory.index.add(masks, torch.tensor(ids), torch.tensor([s for _, s, _ in rows]),
+                         torch.tensor([int(snaps[s].memory.index.keys[r]) for _, s, r in rows]))
         memory.index.active.copy_(torch.tensor([bool(snaps[s].memory.index.active[r]) for _, s, r in rows]))
         records = [snaps[s].edits[r] for _, s, r in rows]
     return memory, records

@@ -210,6 +210,7 @@ def _write_files(d: Path, memory: ResidualMemory, edits: list[EditRecord], confi
             "target": pa.array([e.target for e in edits], pa.string()),
             "mask": pa.array(mask_lists, pa.list_(pa.int16())),
             "shard": pa.array(idx.shards.tolist(), pa.int64()),
+            "mask_key": pa.array(idx.keys.tolist(), pa.int64()),
             "created": pa.array([e.created for e in edits], pa.string()),
             "source": pa.array([e.source for e in edits], pa.string()),
             "subject": pa.array([list(e.subject) for e in edits], pa.list_(pa.string())),
@@ -255,7 +256,7 @@ def load_snapshot(path: str | Path, verify: bool = True) -> Snapshot:
         manifest["feature"], n_shards=manifest["n_shards"], dtype=tensors["weight"].dtype,
         rule=config.routing, subject_tau=config.subject_tau, subject_check=config.subject_check,
         check_tau=config.check_tau, marks=ChatMarks.from_dict(manifest.get("chat_marks")),
-        memory_start=config.memory_start,
+        memory_start=config.memory_start, mask_key=config.mask_key,
     )
     with torch.no_grad():
         memory.weight.copy_(tensors["weight"])
@@ -267,7 +268,8 @@ def load_snapshot(path: str | Path, verify: bool = True) -> Snapshot:
         from .tophash import indices_to_mask
 
         masks = indices_to_mask(torch.tensor([r["mask"] for r in table], dtype=torch.int64), manifest["d_inner"])
-        memory.index.add(masks, torch.tensor([r["edit_id"] for r in table]), torch.tensor([r["shard"] for r in table]))
+        memory.index.add(masks, torch.tensor([r["edit_id"] for r in table]), torch.tensor([r["shard"] for r in table]),
+                         torch.tensor([r.get("mask_key") or 0 for r in table]))
         memory.index.active.copy_(torch.tensor([r["active"] for r in table]))
     edits = [EditRecord(r["prompt"], r["target"], r["source"], r["created"], tuple(r.get("subject") or ()),
                         r.get("superseded_by")) for r in table]

@@ -225,3 +225,36 @@ def test_a_new_edit_of_the_same_question_supersedes_the_older_one_and_undo_resto
     keep = Memoir.create(tiny_model_dir, n_iter=1, supersede=False)
     keep.edit("The Eiffel Tower is located in the city of", "Rome")
     assert keep.edit("The Eiffel Tower is located in the city of", "Madrid").superseded == []
+
+
+def test_keyed_masks_leave_every_decision_unchanged_and_separate_subjects():
+    """mask_key "subject": an edit's mask is relabelled by its subject's key. A query keyed as each candidate
+    overlaps it exactly as unkeyed masks would (decisions unchanged), while two edits of different subjects
+    with the same unkeyed mask (same relation) now share only about k/D of their columns."""
+    import torch
+
+    from memoir_vllm.memory import ResidualMemory
+    from memoir_vllm.tophash import indices_to_mask
+
+    d, k = 64, 16
+    plain = ResidualMemory(8, d, k, rule="subject", subject_tau=0.5)
+    keyed = ResidualMemory(8, d, k, rule="subject", subject_tau=0.5, mask_key="subject")
+    assert plain.key_of(("Norway",)) == 0 and keyed.key_of(("Norway",)) == keyed.key_of(("norway",)) != 0
+    assert ResidualMemory(8, d, k, rule="mask", mask_key="subject").key_of(("Norway",)) == 0  # the paper's rule
+    gen = torch.Generator().manual_seed(0)
+    same_relation = torch.randperm(d, generator=gen)[:k].sort().values  # one relation's mask, two subjects
+    other = torch.randperm(d, generator=gen)[:k].sort().values
+    for mem in (plain, keyed):
+        for subject, idx in (("Norway", same_relation), ("Peru", same_relation), ("Norway", other)):
+            key = mem.key_of((subject,))
+            mem.add_edit(mem.keyed(idx, key), key=key)
+            mem.subjects.add((subject,), "")
+    queries = torch.stack([same_relation, other, same_relation])
+    texts = ["What is the capital of Norway?", "Norway", "Peru"]
+    a = plain.decide_masks(queries, plain.candidates(texts))
+    b = keyed.decide_masks(queries, keyed.candidates(texts))
+    assert torch.equal(a.row, b.row) and torch.equal(a.ratio, b.ratio)  # the same decisions and overlaps
+    shared = lambda mem: int((mem.index.masks(torch.tensor([0])) & mem.index.masks(torch.tensor([1]))).sum())
+    assert shared(plain) == k  # unkeyed: Norway's and Peru's edits train the very same columns
+    assert shared(keyed) < k // 2  # keyed: about k*k/D of them
+    assert torch.equal(keyed.keyed(same_relation, 0), same_relation)
