@@ -36,7 +36,8 @@ class MaskWorker:
 
     @torch.no_grad()
     def __call__(self, batch: dict[str, list]) -> dict[str, list]:
-        """{"prompt": [...]} -> the same plus mask (k indices), matched edit_id / shard (-1: none) and ratio."""
+        """{"prompt": [...]} -> the same plus mask (k indices, keyed as the matched edit's), matched edit_id /
+        shard (-1: none) and ratio."""
         m = self.memoir
         prompts = list(batch["prompt"])
         # prompts in the form the edits were written in (chat rendering for a chat-format memory)
@@ -49,9 +50,10 @@ class MaskWorker:
             r = layer.routing
         index = m.memory.index
         rows = r.row.tolist()  # [B] matched index row, -1 = base model
+        keys = torch.tensor([int(index.keys[x]) if x >= 0 else 0 for x in rows], dtype=torch.int64)
         return {
             **batch,
-            "mask": r.mask_idx.tolist(),
+            "mask": m.memory.keyed(r.mask_idx, keys).tolist(),  # as compared with the matched edit's (mask_key)
             "edit_id": [int(index.edit_ids[x]) if x >= 0 else -1 for x in rows],
             "shard": [int(index.shards[x]) if x >= 0 else -1 for x in rows],
             "ratio": [round(float(x), 4) for x in r.ratio],
