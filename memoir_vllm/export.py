@@ -25,14 +25,14 @@ from typing import Any
 
 import torch
 
-from .hf import MemoirLayer, attach
+from .hf import MemoirLayer, attach, detach
 from .memory import candidate_rows
 from .models import config_identity
 from .snapshot import LATEST, check_model, load_snapshot, resolve_version
 
 log = logging.getLogger(__name__)
 
-EXPORT_KEY = "memoir_export"  # config.json entry: {"snapshot": "memoir", "version": ..., "memoir": version}
+EXPORT_KEY = "memoir_export"  # config.json entry: {"snapshot": "memoir", "version": "v000001", "n_edits": N}
 MODELING = "modeling_memoir.py"
 CLASS = "MemoirForCausalLM"
 
@@ -111,9 +111,9 @@ def attach_exported(model, directory: str | os.PathLike) -> ExportRouter:
     from transformers import AutoTokenizer
 
     d = Path(directory)
-    meta = model.config.to_dict().get(EXPORT_KEY) or {}
-    snap = load_snapshot(d / meta.get("snapshot", "memoir"))
-    base_config = {k: v for k, v in model.config.to_dict().items() if k not in (EXPORT_KEY, "auto_map")}
+    config = model.config.to_dict()
+    snap = load_snapshot(d / (config.get(EXPORT_KEY) or {}).get("snapshot", "memoir"))
+    base_config = {k: v for k, v in config.items() if k not in (EXPORT_KEY, "auto_map")}
     module = snap.manifest["module"]
     check_model(snap.manifest, config_identity(base_config, snap.manifest["model"].get("name")), module)
     memory = snap.state.memory
@@ -146,8 +146,6 @@ def export(snapshot: str | os.PathLike, out: str | os.PathLike, model: str | os.
     tmp = out.parent / f".{out.name}.tmp-{os.getpid()}"
     shutil.rmtree(tmp, ignore_errors=True)
     try:
-        from .hf import detach
-
         detach(hf_model)  # the base weights only: the memory travels as the snapshot
         hf_model.save_pretrained(tmp, safe_serialization=True)
         tok.save_pretrained(tmp)

@@ -46,6 +46,18 @@ def candidate_rows(scored: list[list[tuple[int, float | None]]], width: int | No
     return out
 
 
+def starts_at_content(memory_start: str, marks: ChatMarks | None) -> bool:
+    """Whether a routed request's memory term starts at its routing span (memory_start "content" with chat marks;
+    a raw prompt's span starts at its first token, so there is nothing to gate)."""
+    return memory_start == "content" and marks is not None
+
+
+def memory_from(prompt_ids: list[int], marks: ChatMarks | None, memory_start: str) -> int:
+    """The first token of a prompt that gets the memory term when routed: its routing span's start when
+    starts_at_content, else 0. The engine core reads it to key the prefix cache (vllm/plugin.py)."""
+    return routing_span(prompt_ids, marks)[0] if starts_at_content(memory_start, marks) else 0
+
+
 def from_span(route_mask: torch.Tensor) -> torch.Tensor:
     """[B, T] bool: the positions at or after each row's first routing token, where a routed row gets the memory
     term when the memory gates_content (left padding and a chat prompt's system prompt and header come before)."""
@@ -89,7 +101,7 @@ class ResidualMemory(nn.Module):
             columns of W_m instead of nearly the same ones, while overlaps among one subject's edits, and so
             every routing decision, stay exactly as without; "none": the paper's masks.
         memory_start: "content": a routed request gets the memory term from its routing span's first token on
-            (memory_from), so the tokens before it (a system prompt, the template header) are the base model's;
+            (memory_from, starts_at_content), so the tokens before it (a system prompt, the template header) are the base model's;
             "all": at every token (the reference). The same for raw prompts.
     """
 
@@ -154,13 +166,8 @@ class ResidualMemory(nn.Module):
 
     @property
     def gates_content(self) -> bool:
-        """True when the memory term starts at the routing span (memory_start "content" with chat marks; a raw
-        prompt's span starts at its first token, so there is nothing to gate)."""
-        return self.memory_start == "content" and self.marks is not None
-
-    def memory_from(self, prompt_ids: list[int]) -> int:
-        """The first token of a prompt that gets the memory term when routed (0 unless gates_content)."""
-        return self.routing_span(prompt_ids)[0] if self.gates_content else 0
+        """True when the memory term starts at the routing span (starts_at_content)."""
+        return starts_at_content(self.memory_start, self.marks)
 
     def feature_of(self, pooled: Pooled) -> torch.Tensor:
         """The routing feature [B, D] float32 of pooled routing tokens."""
@@ -186,7 +193,7 @@ class ResidualMemory(nn.Module):
                 return mask_idx
             keys = torch.tensor(keys, device=mask_idx.device)
         pos = self.perm_inv.to(mask_idx.device)[mask_idx]  # [..., k] the top-k positions
-        shifted = (pos + keys.unsqueeze(-1)) % self.d_inner if keys.dim() else (pos + keys) % self.d_inner
+        shifted = (pos + keys.unsqueeze(-1)) % self.d_inner
         return self.perm.to(mask_idx.device)[shifted].sort(dim=-1).values
 
     @property

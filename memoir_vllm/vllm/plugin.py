@@ -44,6 +44,7 @@ log = logging.getLogger(__name__)
 _REGISTERED = False
 _SALT_ACTIVE = False  # set in an engine core whose scheduler was built with a snapshot configured
 _SALT_PATH = ""  # that snapshot (a followed store or a pinned version)
+_SALT_IS_STORE = False  # whether _SALT_PATH is a store (versions under it) rather than one version
 VERSION_ARG = "memoir_version"  # the version a request is served with, set by the engine core (extra_args)
 _HASH_CACHE: dict[str, str] = {}
 
@@ -111,9 +112,12 @@ def _refuse_v2(runner: Any) -> None:
 def _scheduler_seen(vllm_config: Any) -> None:
     from . import shim
 
-    global _SALT_ACTIVE, _SALT_PATH
+    from ..snapshot import LATEST
+
+    global _SALT_ACTIVE, _SALT_PATH, _SALT_IS_STORE
     path = shim.snapshot_of(vllm_config)
     _SALT_ACTIVE, _SALT_PATH = path is not None, str(path or "")
+    _SALT_IS_STORE = path is not None and (Path(path) / LATEST).is_file()  # a store (its versions) or one version
 
 
 def _salt(request: Any) -> str | None:
@@ -153,26 +157,24 @@ def split_salt(salt: str) -> tuple[int, str, str | None] | None:
     return int(first_on), f"{version}:{key}", user[0] if user else None
 
 
-_MARKS: dict[str, Any] = {}  # version directory -> its chat marks when its memory starts at the content, else None
+_GATES: dict[str, tuple[Any, str]] = {}  # version directory -> (its chat marks, its memory_start)
 
 
 def _memory_from(ids: list[int], version: int) -> int:
-    """ResidualMemory.memory_from of a prompt under the served version's settings, read from its manifest once."""
-    from ..chat import ChatMarks, routing_span
+    """memory.memory_from of a prompt under the served version's settings, read from its manifest once."""
+    from ..chat import ChatMarks
     from ..config import MemoirConfig
+    from ..memory import memory_from
     from ..snapshot import MANIFEST, version_name
 
-    root = Path(_SALT_PATH)
-    d = root / version_name(version) if (root / "LATEST").is_file() else root
-    if str(d) not in _MARKS:
+    d = Path(_SALT_PATH) / version_name(version) if _SALT_IS_STORE else Path(_SALT_PATH)
+    if str(d) not in _GATES:
         try:
             m = json.loads((d / MANIFEST).read_text())
         except (OSError, ValueError):
             return 0  # unreadable now: salt every block (what the workers do is refused or loaded later)
-        content = MemoirConfig.from_dict(m["config"]).memory_start == "content"
-        _MARKS[str(d)] = ChatMarks.from_dict(m.get("chat_marks")) if content else None
-    marks = _MARKS[str(d)]
-    return routing_span(ids, marks)[0] if marks is not None else 0
+        _GATES[str(d)] = (ChatMarks.from_dict(m.get("chat_marks")), MemoirConfig.from_dict(m["config"]).memory_start)
+    return memory_from(ids, *_GATES[str(d)])
 
 
 # -- compile cache salt ----------------------------------------------------------------------------
