@@ -12,8 +12,8 @@ the file's own `subject`, or memoir's automatic one), then routed through the me
                    unedited subject routes to some edit
     same_subject   (records with `neighbour_subject`) another relation of an edited subject routes to some edit
 
-for the paper's mask rule (over tau) and the subject rule (over subject_tau) without and with the encoder
-check (at the memory's check_tau), from one set of features.
+for the paper's mask rule (over tau) and the subject rule (over subject_tau) without and with the second
+stage (answer types, the encoder check at the memory's check_tau, both), from one set of features.
 
     memoir eval-routing --data zsre --n 300
 """
@@ -48,11 +48,13 @@ def prompt_masks(m, texts: list[str], batch_size: int = 32, progress: bool = Tru
     return torch.cat(out)
 
 
-def variants(check_taus: tuple[float, ...]) -> dict[str, tuple[str, str, float | None]]:
-    """name -> (rule, subject_check, check_tau) of the rules compared."""
-    out = {"mask": ("mask", "none", None), "subject": ("subject", "none", None)}
+def variants(check_taus: tuple[float, ...]) -> dict[str, tuple[str, str, float | None, bool]]:
+    """name -> (rule, subject_check, check_tau, answer_type) of the rules compared."""
+    out = {"mask": ("mask", "none", None, False), "subject": ("subject", "none", None, False),
+           "subject+type": ("subject", "none", None, True)}
     for c in check_taus:
-        out[f"subject+encoder {c}"] = ("subject", "encoder", c)
+        out[f"subject+encoder {c}"] = ("subject", "encoder", c, False)
+        out[f"subject+type+encoder {c}"] = ("subject", "encoder", c, True)
     return out
 
 
@@ -93,8 +95,8 @@ def evaluate_routing(m, records: list[dict[str, Any]], n: int, subjects: str = "
                                "rules": {}}
     queries = {"para": (P, [t for _, t in para_recs]), "neighbours": (Nb, [prompt(r) for r in others]),
                "nq": (NQ, nq_texts), **{key: (M, extra[key]) for key, M in extra_masks.items()}}
-    for name, (rule, check, ctau) in variants(check_taus or (m.memory.check_tau,)).items():
-        memory.rule, memory.subject_check = rule, check
+    for name, (rule, check, ctau, atype) in variants(check_taus or (m.memory.check_tau,)).items():
+        memory.rule, memory.subject_check, memory.answer_type = rule, check, atype
         memory.check_tau = ctau if ctau is not None else memory.check_tau
         t1 = time.perf_counter()
         cands = {q: memory.candidates(texts) for q, (_, texts) in queries.items()}  # do not depend on tau

@@ -79,12 +79,16 @@ class MemoirConfig:
     subject_check: str = _setting("encoder", "second stage of the subject rule: encoder (a candidate must also ask "
                                   "the edit's question: cosine of all-MiniLM-L6-v2 vectors of the request and the "
                                   "edit prompt, the subject masked in both, >= check_tau) or none", SUBJECT_CHECKS)
-    check_tau: float = _setting(0.7, "threshold of the encoder check (cosine in [-1, 1]; calibrated on `memoir "
-                                "make-edits` same-subject questions, docs/defaults.md)")
+    check_tau: float = _setting(0.6, "threshold of the encoder check (cosine in [-1, 1]; calibrated with "
+                                "answer_type on `memoir make-edits` same-subject questions, README Routing)")
+    answer_type: bool = _setting(True, "second stage of the subject rule: a candidate must also ask for the same kind "
+                                 "of answer as the request (who / when / where / how many, from English wh-words; "
+                                 "a question with none agrees with every kind); --no-answer-type: the cosine alone")
     supersede: bool = _setting(True, "newest correction wins: a new edit that asks the same question as an active "
                                "edit (same subject, encoder cosine >= supersede_tau) retires the older one from "
                                "routing (undo: memoir snapshot disable --enable ID); --no-supersede keeps both")
-    supersede_tau: float = _setting(0.8, "encoder cosine from which two edits of one subject ask the same question")
+    supersede_tau: float = _setting(0.7, "encoder cosine from which two edits of one subject ask the same question "
+                                    "(with answer_type, also the same kind of answer)")
     prompt_format: str = _setting("raw", "how edits are written and prompts routed: chat (the edit is trained as a "
                                   "user message in the tokenizer's chat template with the target as the assistant's "
                                   "answer, plus the raw row; every prompt routes from its last user message's content), "
@@ -160,7 +164,8 @@ class MemoirConfig:
             raise ValueError(f"unknown MemoirConfig keys {unknown}; known keys: {sorted(known)}")
         # stored before a setting existed: what ran then (the coupled decay, the mask-only routing, raw prompts)
         return cls(**{"decay": "coupled", "routing": "mask", "subject_check": "none", "supersede": False,
-                      "prompt_format": "raw", "answer_end": "none", "memory_start": "all", "mask_key": "none", **d})
+                      "prompt_format": "raw", "answer_end": "none", "memory_start": "all", "mask_key": "none",
+                      "answer_type": False, **d})
 
 
 # Named presets. "reference" is the paper's Llama-3-8B setting; per-model presets are measured
@@ -168,7 +173,7 @@ class MemoirConfig:
 PRESETS: dict[str, dict[str, Any]] = {
     "reference": dict(tau=0.4, lr=1.0, n_iter=30, optimizer="sgd", grad_clip=1.0, fast=False, weight_decay=1e-5,
                       decay="coupled", routing="mask", supersede=False, prompt_format="raw", answer_end="none",
-                      memory_start="all", mask_key="none"),
+                      memory_start="all", mask_key="none", answer_type=False),
     "llama3-8b": dict(layer=27, k=4096, tau=0.4, lr=1.0, n_iter=30),
     "gptj-6b": dict(layer=21, k=4096, tau=0.4, lr=1.0, n_iter=70),
     # SmolLM2-135M (30 blocks, D=1536), measured: see docs/defaults.md

@@ -8,8 +8,9 @@ The one routing rule lives here, for every caller (the transformers layer, the v
         pooled prompt -> feature() -> decide(): TopHash mask -> best active match -> routed iff ratio >= tau
     rule "subject" (the default for new memories):
         request text -> candidates(): the edits whose subject the text names (subjects.SubjectGate) and, with
-        the encoder check, whose question it asks (cosine of the request's and the edit prompt's sentence
-        vectors, the subject masked in both, >= check_tau; best cosine first)
+        the second stage, whose question it asks (answer_type: both ask for the same kind of answer,
+        answer_type.py; the encoder check: cosine of the request's and the edit prompt's sentence vectors, the
+        subject masked in both, >= check_tau; best cosine first)
         pooled prompt -> feature() -> decide(candidates): TopHash mask -> best active candidate (ties: the
         newest) -> routed iff ratio >= subject_tau; no candidate, no memory term
     memory_term(acts, decision masks, shards)
@@ -28,7 +29,8 @@ from torch import nn
 
 from .chat import ChatMarks, routing_span
 from .index import MaskIndex, unpack_masks
-from .subjects import SubjectGate, normalize
+from .answer_type import same_answer_type
+from .subjects import SubjectGate, mask_subject, normalize
 from .tophash import Pooled, feature_from_pool, indices_to_mask, make_permutation, pool_prompt, tophash
 
 NO_EDIT = -1  # decision row of a request served by the base model
@@ -94,6 +96,10 @@ class ResidualMemory(nn.Module):
         rule: "mask" (the paper's routing over all edits) or "subject" (only edits whose subject the request
             names are candidates; see the module docstring).
         subject_tau: threshold on overlap / k among the candidates (rule "subject").
+        subject_check, check_tau: "encoder" keeps a candidate whose sentence-encoder cosine with the request is
+            >= check_tau (encoder.py); "none" keeps every candidate.
+        answer_type: keep a candidate only if it and the request do not ask for different kinds of answer
+            (answer_type.py: who / when / where / how many); applies before the encoder check.
         marks: the chat template's marks when edits were made in the chat format (prompts then route from
             their last user message's content: chat.routing_span); None routes every prompt from all its tokens.
         mask_key: "subject" (with the subject rule): each edit's mask is its TopHash relabelled by a key drawn
@@ -122,6 +128,7 @@ class ResidualMemory(nn.Module):
         marks: ChatMarks | None = None,
         memory_start: str = "all",
         mask_key: str = "none",
+        answer_type: bool = False,
     ) -> None:
         super().__init__()
         if k > d_inner:
@@ -148,6 +155,7 @@ class ResidualMemory(nn.Module):
             raise ValueError(f"subject_check {subject_check!r}: use 'encoder' or 'none'")
         self.rule, self.subject_tau = rule, subject_tau
         self.subject_check, self.check_tau = subject_check, check_tau
+        self.answer_type = answer_type
         self.subjects = SubjectGate()  # row i: the aliases of edit i (kept in step by state.MemoryState)
 
     @property
@@ -226,14 +234,17 @@ class ResidualMemory(nn.Module):
         min_cos = self.check_tau if min_cos is None else min_cos
         gate = self.subjects
         rows = [self._active(gate.rows_in(t)) for t in texts]
+        # the text as each candidate's subject masks it: usually one distinct masked text per text
+        masked = [[mask_subject(t, gate.aliases[r]) for r in rs] for t, rs in zip(texts, rows)]
+        if self.answer_type:
+            kept = [[(r, m) for r, m in zip(rs, ms) if same_answer_type(m, gate.masked_prompt(r))]
+                    for rs, ms in zip(rows, masked)]
+            rows, masked = [[r for r, _ in k] for k in kept], [[m for _, m in k] for k in kept]
         if self.subject_check != "encoder":
             return [[(r, None) for r in rs] for rs in rows]
         from .encoder import sentence_encoder
-        from .subjects import mask_subject
 
         self.fill_vectors()
-        # the text as each candidate's subject masks it: usually one distinct masked text per text
-        masked = [[mask_subject(t, gate.aliases[r]) for r in rs] for t, rs in zip(texts, rows)]
         flat = sorted({m for ms in masked for m in ms})
         vec = dict(zip(flat, sentence_encoder()(flat))) if flat else {}
         out = []
@@ -257,9 +268,8 @@ class ResidualMemory(nn.Module):
         if not todo:
             return
         from .encoder import sentence_encoder
-        from .subjects import mask_subject
 
-        vecs = sentence_encoder()([mask_subject(gate.prompts[i], gate.aliases[i]) for i in todo])
+        vecs = sentence_encoder()([gate.masked_prompt(i) for i in todo])
         for i, v in zip(todo, vecs):
             gate.vectors[i] = v
         gate.missing.clear()
@@ -353,7 +363,7 @@ class ResidualMemory(nn.Module):
         fresh = ResidualMemory(self.d_model, self.d_inner, self.k, self.tau, self.seed, self.feature,
                                n_shards=self.n_shards if n_shards is None else n_shards, dtype=self.weight.dtype,
                                rule=self.rule, subject_tau=self.subject_tau, subject_check=self.subject_check,
-                               check_tau=self.check_tau, marks=self.marks, memory_start=self.memory_start,
+                               check_tau=self.check_tau, answer_type=self.answer_type, marks=self.marks, memory_start=self.memory_start,
                                mask_key=self.mask_key)
         fresh.background.copy_(self.background)
         return fresh.to(self.perm.device)
@@ -367,5 +377,5 @@ def empty_memory(d_model: int, d_inner: int, cfg, n_shards: int = 1, dtype: torc
         raise ValueError("prompt_format='chat' needs the tokenizer's chat marks (chat.chat_marks(tok))")
     return ResidualMemory(d_model, d_inner, cfg.k, cfg.tau, cfg.seed, cfg.feature, n_shards=n_shards, dtype=dtype,
                           rule=cfg.routing, subject_tau=cfg.subject_tau, subject_check=cfg.subject_check,
-                          check_tau=cfg.check_tau, marks=marks if cfg.prompt_format == "chat" else None,
+                          check_tau=cfg.check_tau, answer_type=cfg.answer_type, marks=marks if cfg.prompt_format == "chat" else None,
                           memory_start=cfg.memory_start, mask_key=cfg.mask_key)

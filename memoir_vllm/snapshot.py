@@ -173,7 +173,7 @@ def _save_locked(root: Path, state: MemoryState, keep: int, extra: dict[str, Any
             "tau": memory.tau,
             "feature": memory.feature,
             "routing": {"rule": memory.rule, "subject_tau": memory.subject_tau, "subject_check": memory.subject_check,
-                        "check_tau": memory.check_tau},
+                        "check_tau": memory.check_tau, "answer_type": memory.answer_type},
             "chat_marks": memory.marks.to_dict() if memory.marks is not None else None,
             "n_shards": memory.n_shards,
             "n_edits": memory.n_edits,
@@ -255,7 +255,7 @@ def load_snapshot(path: str | Path, verify: bool = True) -> Snapshot:
         manifest["d_model"], manifest["d_inner"], manifest["k"], manifest["tau"], manifest["seed"],
         manifest["feature"], n_shards=manifest["n_shards"], dtype=tensors["weight"].dtype,
         rule=config.routing, subject_tau=config.subject_tau, subject_check=config.subject_check,
-        check_tau=config.check_tau, marks=ChatMarks.from_dict(manifest.get("chat_marks")),
+        check_tau=config.check_tau, answer_type=config.answer_type, marks=ChatMarks.from_dict(manifest.get("chat_marks")),
         memory_start=config.memory_start, mask_key=config.mask_key,
     )
     with torch.no_grad():

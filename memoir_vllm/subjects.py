@@ -187,6 +187,10 @@ class SubjectGate:
         self.missing.add(row)
         self._automaton = None
 
+    def masked_prompt(self, row: int) -> str:
+        """The edit prompt of `row` with its subject replaced by the placeholder (what the second stage reads)."""
+        return mask_subject(self.prompts[row], self.aliases[row])
+
     def build(self) -> None:
         """Build the automaton now (it is otherwise built at the first lookup after a change): a server loading a
         new version does this beside the engine, not in the step that admits the first request."""

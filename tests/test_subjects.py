@@ -3,6 +3,7 @@ memory's one rule (ResidualMemory.candidates / decide_masks), on hand-made masks
 import pytest
 import torch
 
+from memoir_vllm.answer_type import answer_type, same_answer_type
 from memoir_vllm.memory import ResidualMemory
 from memoir_vllm.subjects import SubjectGate, as_aliases, auto_subject, normalize
 from memoir_vllm.tophash import indices_to_mask
@@ -58,6 +59,34 @@ def test_gate_rows_follow_a_subject_changed_in_place():
     gate.set(0, ["Kingdom of Norway"])
     assert gate.rows_in("the capital of Norway") == []
     assert gate.rows_in("the Kingdom of Norway's capital") == [0]
+
+@pytest.mark.parametrize("question, kind", [
+    ("When was The Starry Night painted?", "time"),
+    ("In what year was Beethoven born?", "time"),
+    ("The Harry Potter series was written by whom?", "person"),
+    ("Who painted X?", "person"),
+    ("Where is the Eiffel Tower located?", "place"),
+    ("In which city was Marie Curie born?", "place"),
+    ("How long is the Nile?", "number"),
+    ("Which artist painted X?", None),  # no rule names it: the encoder decides alone
+    ("How did X die?", None),
+    ("Quand est né Beethoven ?", None),  # not English: no kind
+])
+def test_answer_type_reads_the_wh_words(question, kind):
+    assert answer_type(question) == kind
+
+
+def test_answer_type_keeps_only_candidates_that_ask_for_the_same_kind_of_answer():
+    mem = ResidualMemory(8, 16, 4, tau=0.5, rule="subject", subject_tau=0.5, answer_type=True)
+    mem.index.add(indices_to_mask(torch.tensor([[0, 1, 2, 3], [0, 1, 2, 3]]), 16), torch.arange(2))
+    mem.subjects.add(["Norway"], "Who is the king of Norway?")  # row 0
+    mem.subjects.add(["Norway"], "When did Norway become independent?")  # row 1
+    texts = ["Who rules Norway?", "In which year did Norway gain independence?", "What is Norway known for?"]
+    assert mem.candidate_scores(texts) == [[(0, None)], [(1, None)], [(1, None), (0, None)]]
+    mem.answer_type = False
+    assert mem.candidate_scores(texts) == [[(1, None), (0, None)]] * 3
+    assert not same_answer_type("Who painted X?", "When was X painted?")
+    assert same_answer_type("Who painted X?", "Which artist painted X?")
 
 
 def _memory(rule: str, masks: list[list[int]], subjects: list[str], d: int = 16, k: int = 4) -> ResidualMemory:
@@ -130,7 +159,7 @@ def test_subjects_are_stored_and_route_after_loading(subject_store):
     assert pq.read_table(path / "edits.parquet").to_pydict()["subject"] == [["Norway"], ["Lionel Messi", "Messi"]]
     manifest = read_manifest(path)
     assert manifest["format_version"] == 2 and manifest["routing"] == {
-        "rule": "subject", "subject_tau": 0.3, "subject_check": "encoder", "check_tau": 0.7}
+        "rule": "subject", "subject_tau": 0.3, "subject_check": "encoder", "check_tau": 0.6, "answer_type": True}
     mem = load_snapshot(path).memory
     assert mem.rule == "subject"
     asked = ["Where does Lionel Messi play?", "Which city is the capital of Norway?", "The capital of Portugal is",

@@ -1,0 +1,42 @@
+"""The kind of answer an English question asks for, from its wh-words: part of the subject rule's second stage.
+
+Questions about one subject that the sentence encoder finds alike often differ in what they ask for: "Who
+painted X?" and "When was X painted?", "In which city is X?" and "Who founded X?". A request is kept as an
+edit's candidate only if the two do not ask for different kinds of answer:
+
+    answer_type("When was the Starry Night painted?")   # "time"
+    answer_type("Which artist painted it?")             # None: no rule says (the encoder decides alone)
+    same_answer_type("Who painted X?", "When was X painted?")   # False
+
+The first rule that matches a whole phrase, in this order, gives the kind: time (when, what/which/in what year,
+date, century), person (who, whom, whose), place (where, what/which city, country, town, place), number (how many,
+how much, how tall/long/far/big/old/high/large). A question none of them names, or not in English, has kind None
+and agrees with every kind. Measured in README (Routing): on `memoir make-edits` questions and 40 hand-written
+real-world ones.
+"""
+from __future__ import annotations
+
+import re
+from functools import lru_cache
+
+KINDS: tuple[tuple[str, re.Pattern[str]], ...] = tuple((kind, re.compile(rf"\b(?:{alts})\b", re.IGNORECASE)) for kind, alts in (
+    ("time", r"when|(?:what|which) (?:year|date|decade|century|day|month)|what time"),
+    ("person", r"who|whom|whose"),
+    ("place", r"where|(?:what|which) (?:city|country|town|place|continent|state|region)"),
+    ("number", r"how (?:many|much|tall|long|far|big|old|high|large)"),
+))
+
+
+@lru_cache(maxsize=65536)
+def answer_type(question: str) -> str | None:
+    """The kind of answer `question` asks for ("time", "person", "place", "number"), or None."""
+    for kind, pattern in KINDS:
+        if pattern.search(question):
+            return kind
+    return None
+
+
+def same_answer_type(a: str, b: str) -> bool:
+    """False only when both questions name a kind of answer and the kinds differ."""
+    ka, kb = answer_type(a), answer_type(b)
+    return ka is None or kb is None or ka == kb
