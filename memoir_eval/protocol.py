@@ -21,8 +21,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
-from tqdm.auto import tqdm
-
 from memoir_vllm.state import MemoryState
 from memoir_vllm.session import Memoir
 from memoir_vllm.snapshot import latest_version, load_snapshot

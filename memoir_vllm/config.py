@@ -107,6 +107,10 @@ class MemoirConfig:
     answer_end: str = _setting("period_eos", "what an edit trains after its target so greedy answers stop: "
                                "period_eos ('.' and end-of-text), eos, newline, or none (the reference: the target "
                                "alone, answers then tend to repeat it)", ("period_eos", "eos", "newline", "none"))
+    shard_budget: int = _setting(0, "edits per W_m: when the newest shard holds this many edits, the next edit opens "
+                                 "a new zero W_m, and full shards are never trained or shrunk again (more memory, "
+                                 "less interference between old and new edits); 0: every edit in one W_m (the "
+                                 "reference)")
     # editor (reference: fresh SGD per edit, lr 1.0, wd 1e-5 coupled to lr, clip 1.0, n_iter 30, early stop)
     optimizer: str = _setting("sgd", "editor optimizer (sgd is the reference)", ("sgd", "adam"))
     lr: float = _setting(1.0, "editor learning rate")
@@ -140,6 +144,8 @@ class MemoirConfig:
             raise ValueError(f"weight_decay={self.weight_decay} must be in [0, 1): it is a shrink per step")
         if self.k is not None and self.k <= 0:
             raise ValueError(f"k={self.k} must be a positive number of mask entries")
+        if self.shard_budget < 0:
+            raise ValueError(f"shard_budget={self.shard_budget} must be 0 (one memory) or a number of edits per shard")
         if self.n_iter < 1:
             raise ValueError(f"n_iter={self.n_iter} must be at least 1")
 

@@ -162,6 +162,16 @@ class ResidualMemory(nn.Module):
     def n_shards(self) -> int:
         return self.weight.shape[0]
 
+    def shard_fill(self) -> list[int]:
+        """Edits stored in each shard (active or not), shard 0 first."""
+        return torch.bincount(self.index.shards.cpu(), minlength=self.n_shards).tolist()
+
+    def add_shard(self) -> int:
+        """Open a new zero W_m after the others (the newest shard is full under a shard budget); returns its index."""
+        w = self.weight.detach()
+        self.weight = nn.Parameter(torch.cat([w, torch.zeros_like(w[:1])]))
+        return self.n_shards - 1
+
     @property
     def n_edits(self) -> int:
         return len(self.index)

@@ -149,7 +149,8 @@ class Memoir:
         """
         aliases = as_aliases(subject) or (auto_subject(prompt),)
         same = self.same_question(prompt) if self.cfg.supersede else []
-        result = self.editor.edit(prompt, target, edit_id=edit_id, key=self.memory.key_of(aliases))
+        result = self.editor.edit(prompt, target, shard=self._next_shard(), edit_id=edit_id,
+                                  key=self.memory.key_of(aliases))
         result.subject = aliases
         self.state.record(EditRecord(prompt, target, source, subject=aliases))
         for old in same:
@@ -157,6 +158,16 @@ class Memoir:
         result.superseded = same
         log.debug("edit %d: subject %s, supersedes %s", result.edit_id, aliases, same)
         return result
+
+    def _next_shard(self) -> int:
+        """The shard the next edit trains: 0, or under a shard budget the newest one, opening a new one when the
+        newest holds shard_budget edits."""
+        budget, mem = self.cfg.shard_budget, self.memory
+        if not budget:
+            return 0
+        if mem.shard_fill()[-1] >= budget:
+            return mem.add_shard()
+        return mem.n_shards - 1
 
     def same_question(self, prompt: str) -> list[int]:
         """Ids of the active edits that ask the question `prompt` asks: a subject it names and, by the encoder

@@ -14,8 +14,9 @@ merged snapshot store:
 
 merge_streams() reads the newest version of every stream store, checks that they were made with
 the same model, layer, permutation, background and settings, and writes one version whose
-memory.safetensors holds weight [S, d_model, D] (weight[s] = stream s's W_m) and whose
-edits.parquet lists every edit in global id order with its `shard`.
+memory.safetensors holds weight [S', d_model, D] (the streams' W_m one after another: S' = S, or more where
+a shard budget (MemoirConfig.shard_budget) opened new ones in a stream) and whose edits.parquet lists every
+edit in global id order with its `shard`.
 """
 from __future__ import annotations
 
@@ -100,20 +101,21 @@ def check_compatible(snaps: list[Snapshot]) -> None:
         if not torch.equal(ref.memory.background, snap.memory.background):
             raise SnapshotError(f"streams {ref.path.parent.name} and {snap.path.parent.name} have different background "
                                 "means: their masks are not comparable; rerun them as one job with one --background")
-        if snap.memory.n_shards != 1:
-            raise SnapshotError(f"stream {snap.path} holds {snap.memory.n_shards} shards; a stream holds one")
 
 
 def merge_memories(snaps: list[Snapshot]) -> tuple[ResidualMemory, list[EditRecord]]:
-    """One S-shard memory from S single-shard stream snapshots (shard s = snaps[s]).
+    """One memory from S stream snapshots: their shards one after another (one per stream, or more where a
+    stream's shard budget opened new ones), each edit in its stream's shard.
 
     Edits are ordered by their global edit id; ids must be unique across streams.
     """
     check_compatible(snaps)
     ref = snaps[0].memory
-    n = len(snaps)
-    memory = ref.empty_like(n_shards=n)
-    rows: list[tuple[int, int, int]] = []  # (global edit id, shard, row in that shard's index)
+    offsets = [0]  # the merged index of each stream's first shard
+    for snap in snaps:
+        offsets.append(offsets[-1] + snap.memory.n_shards)
+    memory = ref.empty_like(n_shards=offsets[-1])
+    rows: list[tuple[int, int, int]] = []  # (global edit id, stream, row in that stream's index)
     for s, snap in enumerate(snaps):
         rows += [(int(e), s, r) for r, e in enumerate(snap.memory.index.edit_ids.tolist())]
     rows.sort()
@@ -122,11 +124,12 @@ def merge_memories(snaps: list[Snapshot]) -> tuple[ResidualMemory, list[EditReco
         dup = sorted({i for i in ids if ids.count(i) > 1})[:5]
         raise SnapshotError(f"edit ids {dup} appear in more than one stream: these stores are not shards of one job")
     with torch.no_grad():
-        memory.weight.copy_(torch.stack([snap.memory.weight[0] for snap in snaps]))  # [S, d_model, D]
+        memory.weight.copy_(torch.cat([snap.memory.weight for snap in snaps]))  # [S, d_model, D]
     records: list[EditRecord] = []
     if rows:
         masks = torch.cat([snaps[s].memory.index.masks(torch.tensor([r])) for _, s, r in rows])  # [N, D]
-        memory.index.add(masks, torch.tensor(ids), torch.tensor([s for _, s, _ in rows]),
+        shards = [offsets[s] + int(snaps[s].memory.index.shards[r]) for _, s, r in rows]
+        memory.index.add(masks, torch.tensor(ids), torch.tensor(shards),
                          torch.tensor([int(snaps[s].memory.index.keys[r]) for _, s, r in rows]))
         memory.index.active.copy_(torch.tensor([bool(snaps[s].memory.index.active[r]) for _, s, r in rows]))
         records = [snaps[s].edits[r] for _, s, r in rows]

@@ -176,6 +176,7 @@ def _save_locked(root: Path, state: MemoryState, keep: int, extra: dict[str, Any
                         "check_tau": memory.check_tau, "answer_type": memory.answer_type},
             "chat_marks": memory.marks.to_dict() if memory.marks is not None else None,
             "n_shards": memory.n_shards,
+            "shard_fill": memory.shard_fill(),  # edits per shard
             "n_edits": memory.n_edits,
             "n_active": memory.index.n_active,
             "config": config.to_dict(),
@@ -300,8 +301,9 @@ def snapshot_info(path: str | Path) -> dict[str, Any]:
     m = json.loads((d / MANIFEST).read_text())
     root = d.parent if (d.parent / LATEST).exists() else None
     keys = ("version", "parent", "created", "model", "module", "layer", "d_model", "d_inner", "k", "seed", "tau",
-            "feature", "routing", "chat_marks", "n_shards", "n_edits", "n_active")
+            "feature", "routing", "chat_marks", "n_shards", "shard_fill", "n_edits", "n_active")
     info = {k: m.get(k) for k in keys}
+    info["shard_budget"] = m["config"].get("shard_budget", 0)
     info["path"] = str(d)
     if root:
         info["versions"] = sorted(p.name for p in root.glob("v[0-9]*") if p.is_dir())

@@ -15,7 +15,6 @@ import argparse
 import json
 import logging
 import os
-import time
 from pathlib import Path
 
 import torch

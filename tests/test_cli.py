@@ -1,6 +1,5 @@
 """The `memoir` command end to end: edit, ask --json, snapshot info/disable, kill and --resume."""
 import json
-import os
 import signal
 import subprocess
 import sys

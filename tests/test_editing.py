@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from memoir_vllm.config import MemoirConfig
-from memoir_vllm.editor import SequentialEditor, converged, target_loss
+from memoir_vllm.editor import converged, target_loss
 from memoir_vllm.hf import routed
 from memoir_vllm.inference import generate, score
 from memoir_vllm.session import Memoir

@@ -263,7 +263,6 @@ def test_keyed_masks_leave_every_decision_unchanged_and_separate_subjects():
     import torch
 
     from memoir_vllm.memory import ResidualMemory
-    from memoir_vllm.tophash import indices_to_mask
 
     d, k = 64, 16
     plain = ResidualMemory(8, d, k, rule="subject", subject_tau=0.5)
