@@ -1,0 +1,120 @@
+"""Where capacity runs out: N synthetic facts written into one memory per setting, greedy answers by age.
+
+    PYTHONPATH=. python scripts/capacity.py --n 1000 --variants one: budget100:shard_budget=100 \
+        --state /tmp/capacity --resume --out runs/capacity_1000.json
+
+Each variant is NAME:SETTING=VALUE,... (MemoirConfig fields; an empty list is today's defaults). The first N facts
+of `memoir make-edits --n N --seed S` (SYNTHETIC invented subjects, several relation families) are written in
+order with the transformers path; the store under --state/NAME is saved every --checkpoint-every edits, so a
+killed run continues with --resume. Then every edit prompt and paraphrase is asked greedily (Memoir.ask) and
+reported: the share of whole answers equal to the target (SQuAD-normalised) per block of --block edits, oldest
+first, and overall; paraphrases; questions of the same relation about another subject, of another relation
+about an edited subject, and unrelated questions answered as without the memory; edit seconds, shards and
+bytes of W_m per edit.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+from memoir_eval.metrics import answer_match  # noqa: E402
+from memoir_eval.synthetic import make_edits  # noqa: E402
+from memoir_vllm.edits import EditRequest  # noqa: E402
+from memoir_vllm.session import Memoir  # noqa: E402
+
+log = logging.getLogger("capacity")
+UNCHANGED = {"same_relation_unchanged": "neighbour_relation", "same_subject_unchanged": "neighbour_subject",
+             "unrelated_unchanged": "unrelated"}
+
+
+def parse_variant(text: str) -> tuple[str, dict]:
+    """'NAME:key=value,key=value' -> (NAME, settings); values parsed as JSON where they parse."""
+    name, _, rest = text.partition(":")
+    settings = {}
+    for item in filter(None, rest.split(",")):
+        key, _, value = item.partition("=")
+        try:
+            settings[key] = json.loads(value)
+        except json.JSONDecodeError:
+            settings[key] = value
+    return name, settings
+
+
+def write(facts: list[dict], store: Path, settings: dict, resume: bool, every: int) -> tuple[Memoir, float]:
+    """The memory with every fact written (continuing a saved store under --resume); returns it and edit seconds."""
+    m = Memoir.from_snapshot(store) if resume and (store / "LATEST").exists() else Memoir.create("default", **settings)
+    done = m.memory.n_edits
+    todo = [EditRequest(f["prompt"], f["target"], f["rephrase"], f["unrelated"], subject=(f["subject"],))
+            for f in facts[done:]]
+    log.info("%s: %d edits stored, %d to write", store.name, done, len(todo))
+
+    def checkpoint(i: int, _res) -> None:
+        if (i + 1) % every == 0 or i + 1 == len(todo):
+            m.save(store, keep=2)
+
+    t0 = time.perf_counter()
+    m.edit_many(todo, after_each=checkpoint)
+    return m, time.perf_counter() - t0
+
+
+def measure(m: Memoir, facts: list[dict], block: int, max_new_tokens: int) -> dict:
+    out: dict = {}
+    for kind, field in (("edited", "prompt"), ("paraphrase", "rephrase")):
+        answers = m.ask([f[field] for f in facts], max_new_tokens=max_new_tokens)
+        ok = [answer_match(a.answer, f["target"]) for a, f in zip(answers, facts)]
+        out[kind] = sum(ok) / len(ok)
+        out[f"{kind}_by_age"] = [sum(ok[s: s + block]) / len(ok[s: s + block]) for s in range(0, len(ok), block)]
+    for name, field in UNCHANGED.items():
+        answers = m.ask([f[field] for f in facts], max_new_tokens=max_new_tokens)
+        out[name] = sum(a.answer == a.base_answer for a in answers) / len(answers)
+    return out
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--n", type=int, default=1000)
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--variants", nargs="+", default=["one:"], help="NAME:setting=value,... (see above)")
+    ap.add_argument("--block", type=int, default=100, help="edits per age block")
+    ap.add_argument("--state", default="runs/capacity_state", help="where each variant's store is kept")
+    ap.add_argument("--resume", action="store_true", help="continue the stores under --state")
+    ap.add_argument("--checkpoint-every", type=int, default=25)
+    ap.add_argument("--max-new-tokens", type=int, default=16)
+    ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--out", default="runs/capacity.json")
+    args = ap.parse_args()
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s", datefmt="%H:%M:%S")
+    torch.set_num_threads(args.threads)
+    facts = make_edits(args.n, args.seed)
+    runs = []
+    for name, settings in map(parse_variant, args.variants):
+        m, edit_s = write(facts, Path(args.state) / name, settings, args.resume, args.checkpoint_every)
+        mem = m.memory
+        r = {"variant": name, "settings": settings, "edit_s_this_run": round(edit_s, 1), "n_shards": mem.n_shards,
+             "bytes_per_edit": mem.weight.numel() * mem.weight.element_size() / max(mem.n_edits, 1),
+             **measure(m, facts, args.block, args.max_new_tokens)}
+        runs.append(r)
+        log.info("%s: %s", name, {k: (round(v, 3) if isinstance(v, float) else v) for k, v in r.items()})
+    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+    Path(args.out).write_text(json.dumps({"n": args.n, "seed": args.seed, "block": args.block, "runs": runs}, indent=1))
+    print("| variant | edited | by age (oldest first) | paraphrase | same relation unchanged | same subject unchanged "
+          "| unrelated unchanged | shards | bytes/edit |\n|---|---|---|---|---|---|---|---|---|")
+    for r in runs:
+        age = " ".join(f"{v:.2f}" for v in r["edited_by_age"])
+        print(f"| {r['variant']} | {r['edited']:.3f} | {age} | {r['paraphrase']:.3f} | {r['same_relation_unchanged']:.3f} "
+              f"| {r['same_subject_unchanged']:.3f} | {r['unrelated_unchanged']:.3f} | {r['n_shards']} "
+              f"| {r['bytes_per_edit'] / 1e3:.0f} kB |")
+    print(f"results: {args.out}")
+
+
+if __name__ == "__main__":
+    main()
