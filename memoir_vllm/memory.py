@@ -346,19 +346,23 @@ class ResidualMemory(nn.Module):
 
     # -- the memory term ------------------------------------------------------------------------
 
-    def memory_term(self, acts: torch.Tensor, masks: torch.Tensor, shards: torch.Tensor | int = 0) -> torch.Tensor:
+    def memory_term(self, acts: torch.Tensor, masks: torch.Tensor, shards: torch.Tensor | int = 0,
+                    present: Sequence[int] | None = None) -> torch.Tensor:
         """W_m[shard] (M ⊙ a): acts [..., D], masks broadcastable to acts (bool or 0/1), shards an int for
         every token or a tensor of acts.shape[:-1]. Returns [..., d_model] in acts' dtype.
 
         With several shards each token takes its own shard's W_m: one masked matmul per shard (fixed
-        shapes, no host sync).
+        shapes, no host sync). present: the only shards that tokens with a nonzero mask can be in (known to the
+        caller's host side), so the cost follows the shards in use, not the number stored; None: any.
         """
         masked = acts * masks.to(acts.dtype)  # [..., D]
+        if present is not None and len(present) == 1:
+            shards = int(present[0])  # every token with a mask is in this shard: one matmul
         if isinstance(shards, int) or self.n_shards == 1:
             s = shards if isinstance(shards, int) else 0
             return masked @ self.weight[s].to(acts.dtype).T  # [..., d_model]
         out = torch.zeros(*acts.shape[:-1], self.d_model, dtype=acts.dtype, device=acts.device)
-        for s in range(self.n_shards):
+        for s in (range(self.n_shards) if present is None else present):
             out = out + (masked * (shards == s).unsqueeze(-1).to(acts.dtype)) @ self.weight[s].to(acts.dtype).T
         return out
 

@@ -57,11 +57,12 @@ def load_prompts(n: int) -> list[tuple[str, str]]:
 
 
 def synth_snapshot(out: Path, n_edits: int, match: list[tuple[str, str]], tau: float, routing: str,
-                   seed: int = 0, memory_start: str | None = None) -> Path:
+                   seed: int = 0, memory_start: str | None = None, n_shards: int = 1) -> Path:
     """A snapshot with n_edits edits: the real masks, subjects and question vectors of the `match` prompts
     first, random masks and vectors with invented subjects after. memory_start set: a chat-format memory (the
     tokenizer's chat marks; matched masks from each prompt's user message in the chat template) whose memory
-    term starts at the content ("content") or at every token ("all")."""
+    term starts at the content ("content") or at every token ("all"). n_shards > 1: edit i in shard i mod
+    n_shards (round-robin, so the matched edits, the first ones, are spread over every shard)."""
     import torch
 
     from memoir_vllm.config import default_config
@@ -81,7 +82,7 @@ def synth_snapshot(out: Path, n_edits: int, match: list[tuple[str, str]], tau: f
                          prompt_format="chat" if chat else None).resolved(n_layers, d_inner)
     from memoir_vllm.chat import chat_marks
 
-    memory = empty_memory(d_model, d_inner, cfg, marks=chat_marks(tok) if chat else None)
+    memory = empty_memory(d_model, d_inner, cfg, n_shards=n_shards, marks=chat_marks(tok) if chat else None)
     match_prompts = [p for p, _ in match]
     layer = attach(model, memory, cfg.layer)
     memory.background.copy_(compute_background(model, tok, layer, builtin_background()[: cfg.n_background]))
@@ -98,7 +99,7 @@ def synth_snapshot(out: Path, n_edits: int, match: list[tuple[str, str]], tau: f
     from memoir_vllm.tophash import indices_to_mask
 
     all_idx = torch.cat(masks + [rand])  # [n_edits, k]
-    memory.index.add(indices_to_mask(all_idx, d_inner), torch.arange(n_edits))
+    memory.index.add(indices_to_mask(all_idx, d_inner), torch.arange(n_edits), torch.arange(n_edits) % n_shards)
     with torch.no_grad():
         memory.weight.normal_(0.0, 1e-3, generator=gen)
     invented = make_edits(n_rand, seed) if n_rand > 0 else []
@@ -218,6 +219,8 @@ def main() -> None:
                    help="N > 0: chat requests after one shared system prompt of ~N tokens, prefix caching on, and "
                         "chat-format memories whose memory term starts at the content and at every token "
                         "(memoir_content_E / memoir_all_E): what a shared system prompt costs")
+    p.add_argument("--shards", type=int, nargs="+", default=[1],
+                   help="W_m shards of each memory (edits round-robin over them); several values: one engine each")
     p.add_argument("--out", default="runs/bench_serving.json")
     p.add_argument("--child", help=argparse.SUPPRESS)
     args = p.parse_args()
@@ -238,10 +241,12 @@ def main() -> None:
     snaps: dict[str, str | None] = {"base": None}
     for n in args.edits:
         for start in (("content", "all") if args.system_tokens else (None,)):
-            t0 = time.perf_counter()
-            name = f"memoir_{start}_{n}" if start else f"memoir_{n}"
-            snaps[name] = str(synth_snapshot(work / name, n, match, args.tau, args.routing, memory_start=start))
-            log.info("synthesized %s in %.1f s", name, time.perf_counter() - t0)
+            for s in args.shards:
+                t0 = time.perf_counter()
+                name = (f"memoir_{start}_{n}" if start else f"memoir_{n}") + (f"_S{s}" if s > 1 else "")
+                snaps[name] = str(synth_snapshot(work / name, n, match, args.tau, args.routing, memory_start=start,
+                                                 n_shards=s))
+                log.info("synthesized %s in %.1f s", name, time.perf_counter() - t0)
     env = dict(os.environ, VLLM_TARGET_DEVICE=os.environ.get("VLLM_TARGET_DEVICE", "cpu"),
                VLLM_CPU_KVCACHE_SPACE=os.environ.get("VLLM_CPU_KVCACHE_SPACE", "2"),
                PYTHONPATH=os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")]))

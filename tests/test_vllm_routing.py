@@ -159,3 +159,35 @@ def test_a_swapped_memory_serves_new_requests_while_requests_in_flight_keep_thei
     # once A finishes, the old memory is let go
     step(router, "swap", [("N", 4, 1, 4, False)], torch.randn(1, D), {"N"})
     assert router.old_memories == {}
+
+
+def test_the_op_runs_only_the_shards_a_step_can_use():
+    """Subject rule with 3 shards: a step computes the memory term with the shards of its requests' edits
+    (decided) or candidates (deciding) only, and every token still gets exactly its own edit's term."""
+    torch.manual_seed(5)
+    p = {name: torch.randn(n, D) for name, n in (("A", 5), ("B", 6), ("C", 4))}
+    mem = make_memory(p, n_shards=3)  # edit i on shard i
+    mem.rule, mem.subject_tau = "subject", 0.7
+    for name in p:
+        mem.subjects.add([f"subject {name}"], f"about subject {name}")
+    texts = {1: "about subject A", 2: "about subject B"}
+    router = Router(mem, max_reqs=4, max_tokens=32, dtype=torch.float32, device=torch.device("cpu"),
+                    text_of=lambda ids: texts[ids[0]])
+    attachment.standalone("present", router)
+    router.admit([("A", [1] * 5), ("B", [2] * 6)])
+
+    def ref(name, acts):
+        idx = mem.masks_from_acts(p[name].unsqueeze(0), torch.ones(1, p[name].shape[0], dtype=torch.bool))
+        d = mem.decide_masks(idx, mem.candidates([texts[1 if name == "A" else 2]]))
+        return mem.delta(acts.unsqueeze(0), d.mask, d.shard)[0]
+
+    live = {"A", "B"}
+    o1 = step(router, "present", [("A", 0, 5, 5, False), ("B", 0, 6, 6, False)], torch.cat([p["A"], p["B"]]), live)
+    assert router.plan.shards == (0, 1)  # the candidates' shards: C's shard 2 is not computed
+    assert torch.allclose(o1[:5], ref("A", p["A"]), atol=1e-5) and o1[:5].abs().sum() > 0
+    assert torch.allclose(o1[5:], ref("B", p["B"]), atol=1e-5) and o1[5:].abs().sum() > 0
+    nxt = torch.randn(1, D)
+    o2 = step(router, "present", [("A", 5, 1, 5, False)], nxt, {"A"})  # a decode step of A alone
+    assert router.plan.shards == (0,)  # one matmul
+    assert torch.allclose(o2, ref("A", nxt), atol=1e-5) and o2.abs().sum() > 0
+    attachment.remove("present")

@@ -48,7 +48,7 @@ def memory_term(a: torch.Tensor, out: torch.Tensor, name: str) -> None:
         return
     rows = router.slot_row[slot_x]  # [T]
     mask, shard = router.slot_mask[slot_x], router.slot_shard[slot_x]
-    delta = router.memory.memory_term(a, mask, shard)  # [T, d_model]
+    delta = router.memory.memory_term(a, mask, shard, present=plan.shards)  # [T, d_model]
     for gen, memory in plan.old:  # requests routed before a swap (follow.py) finish with their memory
         mine = (router.tok_gen[:t] == gen).unsqueeze(1)
         delta = torch.where(mine, memory.memory_term(a, mask, shard), delta)

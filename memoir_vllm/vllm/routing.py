@@ -69,6 +69,7 @@ class StepPlan:
     need_acc: bool = False  # some token of this step is a prompt token of an undecided request
     n_decide: int = 0  # slots decided in this step's forward (dec_slots[:n_decide])
     need_memory: bool = False  # some token of this step may get the memory term
+    shards: tuple[int, ...] | None = None  # the only shards this step's routed tokens can be in (None: any)
     old: tuple = ()  # (generation, memory) of requests routed before a swap, whose tokens are marked in tok_gen
 
 
@@ -89,6 +90,7 @@ class Router:
                  device: torch.device, cache_size: int = 1 << 16,
                  text_of: Callable[[list[int]], str] | None = None) -> None:
         self.memory = memory
+        self._row_shard = memory.index.shards.tolist()  # host copy: the shard of each index row
         self.text_of = text_of
         self.cands: dict[str, list[tuple[int, float | None]]] = {}  # request id -> its candidates, set by admit()
         self.device, self.dtype = device, dtype
@@ -215,6 +217,7 @@ class Router:
         valid when the new memory extends the old (a store's next version appends rows); otherwise they are
         dropped, and those requests get the base model."""
         old, self.memory = self.memory, memory
+        self._row_shard = memory.index.shards.tolist()
         appended = memory.n_edits >= old.n_edits and memory.d_inner == old.d_inner
         keep_old = False
         for st in self.states.values():
@@ -271,6 +274,7 @@ class Router:
         fresh: list[int] = []  # new slots left undecided by the host: UNDECIDED until their forward decides
         new_cands: list[tuple[int, list[tuple[int, float | None]]]] = []  # (slot, candidates) of new requests
         need_memory = False
+        present: set[int] | None = set() if self.memory.n_shards > 1 and self.memory.rule == "subject" else None
         gens = np.full(n, self.gen, dtype=np.int64)  # [R] memory generation of each request
         for i, rid in enumerate(req_ids):
             st = self.states.get(rid)
@@ -320,6 +324,9 @@ class Router:
             elif st.pending_readback or st.row >= 0:
                 need_memory = True
             st.next_pos = start + count
+            if present is not None and st.gen == self.gen:  # decided: its edit's shard; deciding: its candidates'
+                rows = [st.row] if st.decided else [c for c, _ in self.cands.get(rid, ())]
+                present.update(self._row_shard[r] for r in rows if 0 <= r < len(self._row_shard))
         total = int(num_scheduled[:n].sum())
         if total > self.max_tokens:
             raise RuntimeError(f"memoir: {total} tokens in one step, buffers hold {self.max_tokens}")
@@ -351,7 +358,7 @@ class Router:
         if old:  # requests routed before a swap: their tokens use their generation's W_m
             self.tok_gen[:total].copy_(torch.from_numpy(np.repeat(gens, num_scheduled[:n])))
         self.plan = StepPlan(armed=True, need_acc=bool(undecided.any()), n_decide=len(decide), need_memory=need_memory,
-                             old=old)
+                             old=old, shards=tuple(sorted(present)) if present is not None else None)
 
 
 def _aranges(counts: np.ndarray) -> np.ndarray:
