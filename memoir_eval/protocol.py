@@ -176,7 +176,30 @@ class Evaluator:
                     out[at[i]].update(neigh_changed=float(t != pre.neigh_text[k]))
         if self.generative:
             self._generative(m, recs, positions, pre, out, para, loc)
+        if m.memory.marks is not None:  # a chat-format memory: asked as chat requests too
+            self._chat_form(m, recs, out, para)
         return out
+
+    def _chat_form(self, m: Memoir, recs: list[EvalRecord], out: list[dict[str, Any]], para: list[int]) -> None:
+        """The edit prompt and its paraphrase as one user message in the chat template: teacher-forced Rel/Gen
+        (chat_rel, chat_gen) and, with generative metrics, whether the greedy answer is the target
+        (chat_rel_answer, chat_gen_answer) and repeats itself (chat_rel_repeats)."""
+        bs = self.batch_size
+        forms = [("rel", list(range(len(recs))), [r.prompt for r in recs])]
+        if para:
+            forms.append(("gen", para, [recs[j].rephrase for j in para]))
+        for name, rows, prompts in forms:
+            targets = [recs[j].target for j in rows]
+            sc = score_rows(m, prompts, targets, batch_size=bs, desc=f"eval: chat {name}", chat=True)
+            for n, j in enumerate(rows):
+                out[j][f"chat_{name}"] = sc.acc[n]
+            if self.generative:
+                texts, _ = generate_rows(m, prompts, [ANSWER_TOKENS] * len(rows), batch_size=bs,
+                                         desc=f"eval: chat {name}, greedy", chat=True)
+                for j, t in zip(rows, texts):
+                    out[j][f"chat_{name}_answer"] = answer_match(t, recs[j].target)
+                    if name == "rel":
+                        out[j]["chat_rel_repeats"] = repeats(t)
 
     def _generative(self, m: Memoir, recs: list[EvalRecord], positions: list[int], pre: PreEdit,
                     out: list[dict[str, Any]], para: list[int], loc: list[int]) -> None:
@@ -274,7 +297,7 @@ def _save_state(m: Memoir, stats: list[dict[str, float]], state: Path) -> None:
 METRICS = ("rel", "gen", "loc", "rel_ppl", "rel_em", "gen_em", "loc_em", "rel_answer", "rel_repeats", "pre_rel",
            "pre_gen", "pre_rel_ppl",
            "pre_rel_em", "edit_routed_right", "para_routed_right", "para_best_is_own", "loc_routed", "neigh_routed",
-           "neigh_changed")
+           "neigh_changed", "chat_rel", "chat_gen", "chat_rel_answer", "chat_gen_answer", "chat_rel_repeats")
 
 
 def summarize(chunks: list[list[dict[str, Any]]]) -> dict[str, Any]:

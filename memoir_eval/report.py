@@ -13,6 +13,8 @@ COLUMNS = (
     ("Loc EM", "loc_em", "mean"), ("Rel answer", "rel_answer", "mean"), ("repeats", "rel_repeats", "mean"),
     ("para→own", "para_routed_right", "mean"), ("loc routed", "loc_routed", "mean"),
     ("neighbours routed", "neigh_routed", "mean"), ("neighbours changed", "neigh_changed", "mean"),
+    ("chat Rel", "chat_rel", "mean"), ("chat Gen", "chat_gen", "mean"), ("chat Rel answer", "chat_rel_answer", "mean"),
+    ("chat Gen answer", "chat_gen_answer", "mean"), ("chat repeats", "chat_rel_repeats", "mean"),
     ("pre Rel", "pre_rel", "mean"), ("pre PPL", "pre_rel_ppl", "mean"), ("pre Rel EM", "pre_rel_em", "mean"),
 )
 

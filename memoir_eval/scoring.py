@@ -45,12 +45,13 @@ def _batches(n: int, batch_size: int, desc: str):
 
 @torch.no_grad()
 def score_rows(m, prompts: list[str], targets: list[str], use_memory: bool = True, want_ppl: bool = False,
-               batch_size: int = 16, desc: str = "scoring") -> RowScores:
-    """Teacher-forced scores of 'prompt target' rows, each routed from its own prompt tokens."""
+               batch_size: int = 16, desc: str = "scoring", chat: bool = False) -> RowScores:
+    """Teacher-forced scores of 'prompt target' rows, each routed from its own prompt tokens (chat: each prompt
+    as one user message in the chat template, the target as the answer; no perplexity)."""
     out = RowScores()
     for s in _batches(len(prompts), batch_size, desc):
         p, t = prompts[s : s + batch_size], targets[s : s + batch_size]
-        sc = score(m.model, m.tok, m.layer, p, t, use_memory=use_memory, keep_logits=want_ppl)
+        sc = score(m.model, m.tok, m.layer, p, t, use_memory=use_memory, keep_logits=want_ppl, chat=chat)
         out.acc += sc.token_acc
         out.pred += sc.pred_tokens
         r, row, best = _routing_lists(sc.routing if use_memory else None, len(p))
@@ -68,13 +69,15 @@ def score_rows(m, prompts: list[str], targets: list[str], use_memory: bool = Tru
 
 @torch.no_grad()
 def generate_rows(m, prompts: list[str], n_tokens: list[int], use_memory: bool = True,
-                  batch_size: int = 16, desc: str = "generating") -> tuple[list[str], list[int]]:
-    """Greedy continuations (n_tokens[i] new tokens for row i, batched by the maximum) and matched rows."""
+                  batch_size: int = 16, desc: str = "generating", chat: bool = False) -> tuple[list[str], list[int]]:
+    """Greedy continuations (n_tokens[i] new tokens for row i, batched by the maximum) and matched rows (chat:
+    each prompt as one user message in the chat template)."""
     texts: list[str] = []
     rows: list[int] = []
     for s in _batches(len(prompts), batch_size, desc):
         p = prompts[s : s + batch_size]
-        gen, routing = generate(m.model, m.tok, m.layer, p, max(n_tokens[s : s + batch_size]), use_memory=use_memory)
+        gen, routing = generate(m.model, m.tok, m.layer, p, max(n_tokens[s : s + batch_size]), use_memory=use_memory,
+                                chat=chat)
         texts += gen
         rows += _routing_lists(routing if use_memory else None, len(p))[1]
     return texts, rows

@@ -152,6 +152,19 @@ def test_protocol_end_to_end(evaluator, tmp_path):
 
 
 @pytest.mark.model
+def test_a_chat_format_memory_is_also_scored_as_chat_requests(default_model_dir, zsre_path, tmp_path):
+    from memoir_eval.protocol import Evaluator
+    from memoir_eval.runner import run_eval
+
+    ev = Evaluator("default", settings=dict(n_iter=3, prompt_format="chat"), batch_size=8)
+    res = run_eval("default", "zsre", [1], tmp_path, limit=1, evaluator=ev, progress=False)
+    m = res["runs"]["1"]["metrics"]
+    for key in ("chat_rel", "chat_gen", "chat_rel_answer", "chat_gen_answer", "chat_rel_repeats"):
+        assert m[key]["n"] == 1 and 0.0 <= m[key]["mean"] <= 1.0, key
+    assert "chat Rel" in (tmp_path / "results.md").read_text()
+
+
+@pytest.mark.model
 def test_interrupted_eval_resumes_to_the_same_results(evaluator, tmp_path, monkeypatch):
     from memoir_eval.data import load_records
     from memoir_eval.protocol import Evaluator
