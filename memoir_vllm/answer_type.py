@@ -19,12 +19,14 @@ from __future__ import annotations
 import re
 from functools import lru_cache
 
-KINDS: tuple[tuple[str, re.Pattern[str]], ...] = tuple((kind, re.compile(rf"\b(?:{alts})\b", re.IGNORECASE)) for kind, alts in (
+_PHRASES = (  # (kind, alternatives), first match wins
     ("time", r"when|(?:what|which) (?:year|date|decade|century|day|month)|what time"),
     ("person", r"who|whom|whose"),
     ("place", r"where|(?:what|which) (?:city|country|town|place|continent|state|region)"),
     ("number", r"how (?:many|much|tall|long|far|big|old|high|large)"),
-))
+)
+KINDS: tuple[tuple[str, re.Pattern[str]], ...] = tuple(
+    (kind, re.compile(rf"\b(?:{alts})\b", re.IGNORECASE)) for kind, alts in _PHRASES)
 
 
 @lru_cache(maxsize=65536)

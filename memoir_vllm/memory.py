@@ -27,9 +27,9 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from .answer_type import same_answer_type
 from .chat import ChatMarks, routing_span
 from .index import MaskIndex, unpack_masks
-from .answer_type import same_answer_type
 from .subjects import SubjectGate, mask_subject, normalize
 from .tophash import Pooled, feature_from_pool, indices_to_mask, make_permutation, pool_prompt, tophash
 
@@ -244,7 +244,9 @@ class ResidualMemory(nn.Module):
         min_cos = self.check_tau if min_cos is None else min_cos
         gate = self.subjects
         rows = [self._active(gate.rows_in(t)) for t in texts]
-        # the text as each candidate's subject masks it: usually one distinct masked text per text
+        if not self.answer_type and self.subject_check != "encoder":
+            return [[(r, None) for r in rs] for rs in rows]
+        # the text as each candidate's subject masks it (what both stages read): usually one per text
         masked = [[mask_subject(t, gate.aliases[r]) for r in rs] for t, rs in zip(texts, rows)]
         if self.answer_type:
             kept = [[(r, m) for r, m in zip(rs, ms) if same_answer_type(m, gate.masked_prompt(r))]
@@ -377,8 +379,8 @@ class ResidualMemory(nn.Module):
         fresh = ResidualMemory(self.d_model, self.d_inner, self.k, self.tau, self.seed, self.feature,
                                n_shards=self.n_shards if n_shards is None else n_shards, dtype=self.weight.dtype,
                                rule=self.rule, subject_tau=self.subject_tau, subject_check=self.subject_check,
-                               check_tau=self.check_tau, answer_type=self.answer_type, marks=self.marks, memory_start=self.memory_start,
-                               mask_key=self.mask_key)
+                               check_tau=self.check_tau, answer_type=self.answer_type, marks=self.marks,
+                               memory_start=self.memory_start, mask_key=self.mask_key)
         fresh.background.copy_(self.background)
         return fresh.to(self.perm.device)
 
@@ -391,5 +393,6 @@ def empty_memory(d_model: int, d_inner: int, cfg, n_shards: int = 1, dtype: torc
         raise ValueError("prompt_format='chat' needs the tokenizer's chat marks (chat.chat_marks(tok))")
     return ResidualMemory(d_model, d_inner, cfg.k, cfg.tau, cfg.seed, cfg.feature, n_shards=n_shards, dtype=dtype,
                           rule=cfg.routing, subject_tau=cfg.subject_tau, subject_check=cfg.subject_check,
-                          check_tau=cfg.check_tau, answer_type=cfg.answer_type, marks=marks if cfg.prompt_format == "chat" else None,
-                          memory_start=cfg.memory_start, mask_key=cfg.mask_key)
+                          check_tau=cfg.check_tau, answer_type=cfg.answer_type,
+                          marks=marks if cfg.prompt_format == "chat" else None, memory_start=cfg.memory_start,
+                          mask_key=cfg.mask_key)

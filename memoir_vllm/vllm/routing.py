@@ -202,7 +202,7 @@ class Router:
         if row >= 0:
             index = self.memory.index
             self.slot_mask[st.slot] = index.masks(torch.tensor([row], device=index.packed.device))[0].to(self.slot_mask)
-            self.slot_shard[st.slot] = int(index.shards[row])
+            self.slot_shard[st.slot] = self._row_shard[row]
         else:
             self.slot_mask[st.slot].zero_()
 
