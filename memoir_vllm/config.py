@@ -42,6 +42,7 @@ SUBJECT_CHECKS = ("encoder", "none")
 PROMPT_FORMATS = ("auto", "chat", "raw")
 STOP_RULES = ("reference", "loss")
 DECAY_RULES = ("coupled", "decoupled")
+COLUMN_RULES = ("shared", "free")
 
 
 def arch_spec(model_type: str) -> ArchSpec:
@@ -111,6 +112,12 @@ class MemoirConfig:
                                  "a new zero W_m, and full shards are never trained or shrunk again (more memory, "
                                  "less interference between old and new edits); 0: every edit in one W_m (the "
                                  "reference)")
+    columns: str = _setting("shared", "which columns of W_m an edit writes: shared (the paper's: its TopHash mask, "
+                            "which overlaps other edits' masks, so later edits retrain earlier ones' columns) or free "
+                            "(routing=subject only: the k columns of largest |feature| that no other edit of its "
+                            "shard wrote, a new shard opening when fewer than k are free; a request then takes its "
+                            "best candidate by the second stage alone, so no edit changes another's answer; use a "
+                            "small k, e.g. 64: a shard holds D // k edits)", COLUMN_RULES)
     # editor (reference: fresh SGD per edit, lr 1.0, wd 1e-5 coupled to lr, clip 1.0, n_iter 30, early stop)
     optimizer: str = _setting("sgd", "editor optimizer (sgd is the reference)", ("sgd", "adam"))
     lr: float = _setting(1.0, "editor learning rate")
@@ -146,6 +153,9 @@ class MemoirConfig:
             raise ValueError(f"k={self.k} must be a positive number of mask entries")
         if self.shard_budget < 0:
             raise ValueError(f"shard_budget={self.shard_budget} must be 0 (one memory) or a number of edits per shard")
+        if self.columns == "free" and self.routing != "subject":
+            raise ValueError("columns='free' needs routing='subject': free columns are not a routing key, so the "
+                             "mask rule cannot route by them; use routing='subject' or columns='shared'")
         if self.n_iter < 1:
             raise ValueError(f"n_iter={self.n_iter} must be at least 1")
 
@@ -171,7 +181,7 @@ class MemoirConfig:
         # stored before a setting existed: what ran then (the coupled decay, the mask-only routing, raw prompts)
         return cls(**{"decay": "coupled", "routing": "mask", "subject_check": "none", "supersede": False,
                       "prompt_format": "raw", "answer_end": "none", "memory_start": "all", "mask_key": "none",
-                      "answer_type": False, **d})
+                      "answer_type": False, "columns": "shared", **d})
 
 
 # Named presets. "reference" is the paper's Llama-3-8B setting; per-model presets are measured
@@ -179,7 +189,7 @@ class MemoirConfig:
 PRESETS: dict[str, dict[str, Any]] = {
     "reference": dict(tau=0.4, lr=1.0, n_iter=30, optimizer="sgd", grad_clip=1.0, fast=False, weight_decay=1e-5,
                       decay="coupled", routing="mask", supersede=False, prompt_format="raw", answer_end="none",
-                      memory_start="all", mask_key="none", answer_type=False),
+                      memory_start="all", mask_key="none", answer_type=False, columns="shared"),
     "llama3-8b": dict(layer=27, k=4096, tau=0.4, lr=1.0, n_iter=30),
     "gptj-6b": dict(layer=21, k=4096, tau=0.4, lr=1.0, n_iter=70),
     # SmolLM2-135M (30 blocks, D=1536), measured: see docs/defaults.md

@@ -185,9 +185,9 @@ class SequentialEditor:
 
     # -- the two ways of computing the loss under the edit's mask ---------------------------
 
-    def _mask_from(self, acts: torch.Tensor, batch: PairBatch, key: int) -> torch.Tensor:
-        """The edit's mask indices [k] from the plain row's routing span, keyed by `key`."""
-        return self.memory.masks_from_acts(acts[:1], batch.route_mask[:1], key)[0]
+    def _mask_from(self, acts: torch.Tensor, batch: PairBatch, key: int, shard: int) -> torch.Tensor:
+        """The edit's mask indices [k] from the plain row's routing span, keyed by `key` (free columns: of `shard`)."""
+        return self.memory.masks_from_acts(acts[:1], batch.route_mask[:1], key, shard)[0]
 
     def _memory_positions(self, batch: PairBatch) -> torch.Tensor | None:
         """[R, T] bool: where each training row gets the memory term, as it will when served (memory_start
@@ -197,7 +197,7 @@ class SequentialEditor:
     def _reference_steps(self, batch: PairBatch, shard: int, key: int = 0):
         with torch.no_grad(), capturing(self.layer):
             self.model(input_ids=batch.input_ids[:1], attention_mask=batch.attention_mask[:1], use_cache=False)
-        mask_idx = self._mask_from(self.layer.captured, batch, key)
+        mask_idx = self._mask_from(self.layer.captured, batch, key, shard)
         mask = indices_to_mask(mask_idx.view(1, -1), self.memory.d_inner)[0]
 
         positions = self._memory_positions(batch)
@@ -235,7 +235,7 @@ class SequentialEditor:
             for h in hooks:
                 h.remove()
         acts = self.layer.captured  # [R, T, D]
-        mask_idx = self._mask_from(acts, batch, key)
+        mask_idx = self._mask_from(acts, batch, key, shard)
         mask = indices_to_mask(mask_idx.view(1, -1), self.memory.d_inner)  # [1, D]
         h_base = saved["h"]  # [R, T, d_model] block output without memory
         norm = get_module(self.model, spec.final_norm)

@@ -106,6 +106,9 @@ class ResidualMemory(nn.Module):
             from its subject (keyed), so edits of one relation about different subjects use nearly disjoint
             columns of W_m instead of nearly the same ones, while overlaps among one subject's edits, and so
             every routing decision, stay exactly as without; "none": the paper's masks.
+        columns: "shared" (the paper's): an edit writes the columns of its TopHash mask; "free" (with the subject
+            rule): the k columns of largest |feature| no other edit of its shard wrote (free_columns), and a request
+            takes its first candidate (the second stage's best) with no mask overlap, so edits share no column.
         memory_start: "content": a routed request gets the memory term from its routing span's first token on
             (memory_from, starts_at_content), so the tokens before it (a system prompt, the template header) are the base model's;
             "all": at every token (the reference). The same for raw prompts.
@@ -129,6 +132,7 @@ class ResidualMemory(nn.Module):
         memory_start: str = "all",
         mask_key: str = "none",
         answer_type: bool = False,
+        columns: str = "shared",
     ) -> None:
         super().__init__()
         if k > d_inner:
@@ -146,6 +150,11 @@ class ResidualMemory(nn.Module):
         if mask_key not in ("subject", "none"):
             raise ValueError(f"mask_key {mask_key!r}: use 'subject' or 'none'")
         self.mask_key = mask_key
+        if columns not in ("shared", "free"):
+            raise ValueError(f"columns {columns!r}: use 'shared' or 'free'")
+        if columns == "free" and rule != "subject":
+            raise ValueError("columns='free' needs the subject rule (rule='subject'): free columns are no routing key")
+        self.columns = columns
         self.weight = nn.Parameter(torch.zeros(n_shards, d_model, d_inner, dtype=dtype))  # [S, d_model, D]
         self.register_buffer("perm", make_permutation(d_inner, seed))  # [D]
         self.register_buffer("perm_inv", torch.argsort(self.perm))  # [D]: perm_inv[perm[i]] = i
@@ -191,9 +200,36 @@ class ResidualMemory(nn.Module):
         """The routing feature [B, D] float32 of pooled routing tokens."""
         return feature_from_pool(pooled, self.background, self.feature)
 
-    def masks_from_acts(self, acts: torch.Tensor, prompt_mask: torch.Tensor, key: int = 0) -> torch.Tensor:
-        """TopHash mask indices [B, k] from activations [B, T, D] over the routing tokens [B, T] (keyed by `key`)."""
-        return self.keyed(tophash(self.feature_of(pool_prompt(acts, prompt_mask)), self.k, self.perm), key)
+    def masks_from_acts(self, acts: torch.Tensor, prompt_mask: torch.Tensor, key: int = 0,
+                        shard: int = 0) -> torch.Tensor:
+        """The mask indices [B, k] an edit writes, from activations [B, T, D] over the routing tokens [B, T]:
+        its TopHash mask keyed by `key`, or under columns "free" the free columns of `shard` it prefers."""
+        feature = self.feature_of(pool_prompt(acts, prompt_mask))  # [B, D]
+        if self.columns == "free":
+            return self.free_columns_for(feature, shard)
+        return self.keyed(tophash(feature, self.k, self.perm), key)
+
+    def written(self, shard: int) -> torch.Tensor:
+        """[D] bool: the columns of W_m[shard] some stored edit writes (active or not: its weights are there)."""
+        rows = (self.index.shards == shard).nonzero().flatten()
+        return self.index.masks(rows).any(0) if len(rows) else torch.zeros(self.d_inner, dtype=torch.bool,
+                                                                            device=self.perm.device)
+
+    def n_free(self, shard: int) -> int:
+        """Columns of W_m[shard] no stored edit writes."""
+        return self.d_inner - int(self.written(shard).sum())
+
+    def free_columns_for(self, feature: torch.Tensor, shard: int) -> torch.Tensor:
+        """Indices [B, k], sorted: per feature row [B, D], the k columns of W_m[shard] that no stored edit writes,
+        in TopHash order (column pi[i] ranks by |v_i|). Raises when fewer than k are free (open a new shard)."""
+        used = self.written(shard)
+        if self.d_inner - int(used.sum()) < self.k:
+            raise ValueError(f"shard {shard} has {self.d_inner - int(used.sum())} free columns, an edit needs "
+                             f"k={self.k}: open a new shard (ResidualMemory.add_shard)")
+        score = torch.empty_like(feature)
+        score[:, self.perm.to(feature.device)] = feature.abs()  # column pi[i] scores |v_i|
+        score[:, used.to(feature.device)] = -1.0
+        return score.topk(self.k, dim=-1).indices.sort(dim=-1).values
 
     def key_of(self, aliases: Sequence[str]) -> int:
         """The mask key of an edit about `aliases`: drawn from its first alias (normalised) under mask_key
@@ -330,7 +366,10 @@ class ResidualMemory(nn.Module):
         masks = unpack_masks(self.index.packed[safe.flatten()], self.d_inner).view(b, c, -1)  # [B, C, D]
         q_idx = self.keyed(mask_idx.unsqueeze(1).expand(b, c, -1), self.index.keys[safe])  # [B, C, k]
         query = torch.zeros(b, c, self.d_inner, dtype=torch.bool, device=masks.device).scatter_(2, q_idx, True)
-        ov = (masks & query).sum(-1).masked_fill(~valid, -1)  # [B, C]
+        if self.columns == "free":  # no overlap to read: the first valid candidate (the second stage's best)
+            ov = torch.full_like(cand, self.k).masked_fill(~valid, -1)
+        else:
+            ov = (masks & query).sum(-1).masked_fill(~valid, -1)  # [B, C]
         top, j = ov.max(dim=1)
         return top, cand.gather(1, j.unsqueeze(1)).squeeze(1)
 
@@ -380,7 +419,7 @@ class ResidualMemory(nn.Module):
                                n_shards=self.n_shards if n_shards is None else n_shards, dtype=self.weight.dtype,
                                rule=self.rule, subject_tau=self.subject_tau, subject_check=self.subject_check,
                                check_tau=self.check_tau, answer_type=self.answer_type, marks=self.marks,
-                               memory_start=self.memory_start, mask_key=self.mask_key)
+                               memory_start=self.memory_start, mask_key=self.mask_key, columns=self.columns)
         fresh.background.copy_(self.background)
         return fresh.to(self.perm.device)
 
@@ -395,4 +434,4 @@ def empty_memory(d_model: int, d_inner: int, cfg, n_shards: int = 1, dtype: torc
                           rule=cfg.routing, subject_tau=cfg.subject_tau, subject_check=cfg.subject_check,
                           check_tau=cfg.check_tau, answer_type=cfg.answer_type,
                           marks=marks if cfg.prompt_format == "chat" else None, memory_start=cfg.memory_start,
-                          mask_key=cfg.mask_key)
+                          mask_key=cfg.mask_key, columns=cfg.columns)

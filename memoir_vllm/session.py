@@ -160,14 +160,15 @@ class Memoir:
         return result
 
     def _next_shard(self) -> int:
-        """The shard the next edit trains: 0, or under a shard budget the newest one, opening a new one when the
-        newest holds shard_budget edits."""
+        """The shard the next edit trains: the newest one, opening a new one when the newest holds shard_budget
+        edits or, under columns "free", has fewer than k free columns (with neither, always shard 0)."""
         budget, mem = self.cfg.shard_budget, self.memory
-        if not budget:
+        full = budget and mem.shard_fill()[-1] >= budget
+        if mem.columns == "free":
+            full = full or mem.n_free(mem.n_shards - 1) < mem.k
+        elif not budget:
             return 0
-        if mem.shard_fill()[-1] >= budget:
-            return mem.add_shard()
-        return mem.n_shards - 1
+        return mem.add_shard() if full else mem.n_shards - 1
 
     def same_question(self, prompt: str) -> list[int]:
         """Ids of the active edits that ask the question `prompt` asks: a subject it names and, by the encoder

@@ -257,7 +257,7 @@ def load_snapshot(path: str | Path, verify: bool = True) -> Snapshot:
         manifest["feature"], n_shards=manifest["n_shards"], dtype=tensors["weight"].dtype,
         rule=config.routing, subject_tau=config.subject_tau, subject_check=config.subject_check,
         check_tau=config.check_tau, answer_type=config.answer_type, marks=ChatMarks.from_dict(manifest.get("chat_marks")),
-        memory_start=config.memory_start, mask_key=config.mask_key,
+        memory_start=config.memory_start, mask_key=config.mask_key, columns=config.columns,
     )
     with torch.no_grad():
         memory.weight.copy_(tensors["weight"])
