@@ -99,8 +99,8 @@ def converged(losses: list[float], cfg: MemoirConfig) -> bool:
 
 
 @contextlib.contextmanager
-def decay_step(w: torch.Tensor, shard: int, cfg: MemoirConfig) -> Iterator[None]:
-    """Weight decay around one optimizer step, on the trained shard W_m[shard] only (closed shards never shrink).
+def decay_step(w: torch.Tensor, cfg: MemoirConfig) -> Iterator[None]:
+    """Weight decay around one optimizer step of the trained shard w = W_m[shard] (other shards never shrink).
 
     coupled (the reference): the optimizer's L2 term, grad += wd * W before the step (torch's own
     weight_decay arithmetic, so the reference trajectory is bit-for-bit unchanged); SGD then shrinks
@@ -109,11 +109,11 @@ def decay_step(w: torch.Tensor, shard: int, cfg: MemoirConfig) -> Iterator[None]
     """
     wd = cfg.weight_decay
     if wd and cfg.decay == "coupled":
-        w.grad[shard].add_(w.detach()[shard], alpha=wd)
+        w.grad.add_(w.detach(), alpha=wd)
     yield
     if wd and cfg.decay == "decoupled":
         with torch.no_grad():
-            w[shard].mul_(1.0 - wd)
+            w.mul_(1.0 - wd)
 
 
 class SequentialEditor:
@@ -163,22 +163,21 @@ class SequentialEditor:
         batch = self.rows(prompt, target)
         step_fn, mask_idx = (self._fast_steps if self.cfg.fast else self._reference_steps)(batch, shard, key)
         result = EditResult(edit_id=-1, mask_idx=mask_idx)
-        w = self.memory.weight.requires_grad_(True)
         opt_cls = torch.optim.SGD if self.cfg.optimizer == "sgd" else torch.optim.Adam
-        opt = opt_cls([w], lr=self.cfg.lr)  # decay is applied by decay_step, to this edit's shard only
         losses = result.losses
-        for _ in range(self.cfg.n_iter):
-            if converged(losses, self.cfg):
-                break
-            opt.zero_grad(set_to_none=True)
-            loss = step_fn()
-            loss.backward()
-            if self.cfg.grad_clip > 0:
-                torch.nn.utils.clip_grad_norm_([w], self.cfg.grad_clip)
-            with decay_step(w, shard, self.cfg):
-                opt.step()
-            losses.append(loss.item())
-        w.grad = None
+        with self.memory.trainable(shard) as w:  # this edit's shard alone: a step costs one shard
+            opt = opt_cls([w], lr=self.cfg.lr)  # decay is applied by decay_step
+            for _ in range(self.cfg.n_iter):
+                if converged(losses, self.cfg):
+                    break
+                opt.zero_grad(set_to_none=True)
+                loss = step_fn()
+                loss.backward()
+                if self.cfg.grad_clip > 0:
+                    torch.nn.utils.clip_grad_norm_([w], self.cfg.grad_clip)
+                with decay_step(w, self.cfg):
+                    opt.step()
+                losses.append(loss.item())
         result.edit_id = self.memory.add_edit(mask_idx, edit_id=edit_id, shard=shard, key=key)
         result.seconds = time.perf_counter() - t0
         return result

@@ -20,8 +20,9 @@ inside a forward. Everything is a buffer (or W_m a parameter), so `state_dict()`
 """
 from __future__ import annotations
 
+import contextlib
 import hashlib
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -156,6 +157,7 @@ class ResidualMemory(nn.Module):
             raise ValueError("columns='free' needs the subject rule (rule='subject'): free columns are no routing key")
         self.columns = columns
         self.weight = nn.Parameter(torch.zeros(n_shards, d_model, d_inner, dtype=dtype))  # [S, d_model, D]
+        self._trained: tuple[int, nn.Parameter] | None = None  # (shard, its trainable copy) while an edit trains
         self.register_buffer("perm", make_permutation(d_inner, seed))  # [D]
         self.register_buffer("perm_inv", torch.argsort(self.perm))  # [D]: perm_inv[perm[i]] = i
         self.register_buffer("background", torch.zeros(d_inner))  # [D]
@@ -180,6 +182,23 @@ class ResidualMemory(nn.Module):
         w = self.weight.detach()
         self.weight = nn.Parameter(torch.cat([w, torch.zeros_like(w[:1])]))
         return self.n_shards - 1
+
+    @contextlib.contextmanager
+    def trainable(self, shard: int) -> Iterator[nn.Parameter]:
+        """W_m[shard] as a leaf tensor [d_model, D] for an optimizer: memory terms of `shard` read it, and it is
+        written back on exit, so a training step costs one shard whatever the number of shards."""
+        w = nn.Parameter(self.weight.detach()[shard].clone())
+        self._trained = (shard, w)
+        try:
+            yield w
+        finally:
+            self._trained = None
+            with torch.no_grad():
+                self.weight[shard].copy_(w)
+
+    def _shard_weight(self, s: int) -> torch.Tensor:
+        """W_m[s] [d_model, D]: the trainable copy while `trainable(s)` is open."""
+        return self._trained[1] if self._trained is not None and self._trained[0] == s else self.weight[s]
 
     @property
     def n_edits(self) -> int:
@@ -401,10 +420,10 @@ class ResidualMemory(nn.Module):
             shards = int(present[0])  # every token with a mask is in this shard: one matmul
         if isinstance(shards, int) or self.n_shards == 1:
             s = shards if isinstance(shards, int) else 0
-            return masked @ self.weight[s].to(acts.dtype).T  # [..., d_model]
+            return masked @ self._shard_weight(s).to(acts.dtype).T  # [..., d_model]
         out = torch.zeros(*acts.shape[:-1], self.d_model, dtype=acts.dtype, device=acts.device)
         for s in (range(self.n_shards) if present is None else present):
-            out = out + (masked * (shards == s).unsqueeze(-1).to(acts.dtype)) @ self.weight[s].to(acts.dtype).T
+            out = out + (masked * (shards == s).unsqueeze(-1).to(acts.dtype)) @ self._shard_weight(s).to(acts.dtype).T
         return out
 
     def delta(self, acts: torch.Tensor, masks: torch.Tensor, shards: torch.Tensor | int = 0) -> torch.Tensor:

@@ -18,18 +18,25 @@ GOLDEN_W_SUM, GOLDEN_W_SQ = -1.0626555681228638, 1.7520536184310913
 
 
 def one_step(lr: float, decay: str, wd: float = 0.1) -> torch.Tensor:
-    w = torch.nn.Parameter(torch.ones(2, 3, 4))  # two shards
-    w.grad = torch.zeros_like(w)
-    opt = torch.optim.SGD([w], lr=lr)
-    with decay_step(w, 1, MemoirConfig(decay=decay, weight_decay=wd)):
-        opt.step()
-    return w.detach()
+    """W_m of two shards after one zero-gradient step that trains shard 1 (as SequentialEditor.edit does)."""
+    from memoir_vllm.memory import ResidualMemory
+
+    mem = ResidualMemory(3, 4, 2, n_shards=2)
+    with torch.no_grad():
+        mem.weight.fill_(1.0)
+    with mem.trainable(1) as w:
+        w.grad = torch.zeros_like(w)
+        opt = torch.optim.SGD([w], lr=lr)
+        with decay_step(w, MemoirConfig(decay=decay, weight_decay=wd)):
+            opt.step()
+    return mem.weight.detach()
 
 
 def test_decoupled_decay_shrinks_the_trained_shard_by_the_same_factor_at_any_lr():
     for lr in (1.0, 10.0):
         w = one_step(lr, "decoupled")
         assert torch.allclose(w[1], torch.full((3, 4), 0.9)) and torch.equal(w[0], torch.ones(3, 4))
+    assert one_step(1.0, "decoupled", wd=0.0).eq(1.0).all()
 
 
 def test_coupled_decay_is_the_optimizers_l2_term_and_grows_with_lr():
