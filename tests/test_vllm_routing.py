@@ -191,3 +191,30 @@ def test_the_op_runs_only_the_shards_a_step_can_use():
     assert router.plan.shards == (0,)  # one matmul
     assert torch.allclose(o2, ref("A", nxt), atol=1e-5) and o2.abs().sum() > 0
     attachment.remove("present")
+
+
+def test_a_request_naming_no_edited_subject_is_decided_at_admission():
+    """Subject rule: a request with no candidate gets the base model without any work in the forward (no
+    feature accumulated, no decision, no memory term), bit-identical to the base output."""
+    torch.manual_seed(6)
+    p = {"A": torch.randn(5, D)}
+    mem = make_memory(p)
+    mem.rule = "subject"
+    mem.subjects.add(["subject A"], "about subject A")
+    texts = {1: "about subject A", 3: "about something else"}
+    router = Router(mem, max_reqs=4, max_tokens=32, dtype=torch.float32, device=torch.device("cpu"),
+                    text_of=lambda ids: texts[ids[0]])
+    attachment.standalone("nocand", router)
+    router.admit([("U", [3] * 4)])
+    u = torch.randn(4, D)
+    base = torch.randn(4, DM)
+    out = base.clone()
+    router.prepare(["U"], np.array([0]), np.array([4]), np.array([4]), [False], [b"U"], {"U"})
+    assert not router.plan.need_acc and router.plan.n_decide == 0 and not router.plan.need_memory
+    memory_term(u, out, "nocand")
+    assert torch.equal(out, base) and router.counts["no_candidate"] == 1
+    router.admit([("A", [1] * 5)])  # a request naming the subject still decides in the forward and routes
+    o = step(router, "nocand", [("U", 4, 1, 4, False), ("A", 0, 5, 5, False)], torch.cat([torch.randn(1, D), p["A"]]),
+             {"U", "A"})
+    assert (o[:1] == 0).all() and o[1:].abs().sum() > 0
+    attachment.remove("nocand")

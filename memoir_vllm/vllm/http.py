@@ -24,7 +24,7 @@ from starlette.responses import JSONResponse, Response
 
 log = logging.getLogger(__name__)
 
-COUNTERS = ("decided", "routed", "reused", "opted_out", "reloads", "load_failures")  # per worker, since start
+COUNTERS = ("decided", "routed", "no_candidate", "reused", "opted_out", "reloads", "load_failures")  # per worker, since start
 GAUGES = ("n_edits", "n_active", "live_requests", "version")
 
 

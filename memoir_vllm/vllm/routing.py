@@ -118,7 +118,7 @@ class Router:
         self.plan = StepPlan()
         self.partial_prefix_warned = False
         self.counts = {"decided": 0, "routed": 0, "reused": 0, "opted_out": 0, "partial_prefix": 0, "chunked": 0,
-                       "recomputed": 0, "shared_prefix": 0}
+                       "recomputed": 0, "shared_prefix": 0, "no_candidate": 0}
 
     # -- slots -------------------------------------------------------------------------------------
 
@@ -274,6 +274,7 @@ class Router:
         fresh: list[int] = []  # new slots left undecided by the host: UNDECIDED until their forward decides
         new_cands: list[tuple[int, list[tuple[int, float | None]]]] = []  # (slot, candidates) of new requests
         need_memory = False
+        subject_rule = self.memory.rule == "subject"
         present: set[int] | None = set() if self.memory.n_shards > 1 and self.memory.rule == "subject" else None
         gens = np.full(n, self.gen, dtype=np.int64)  # [R] memory generation of each request
         for i, rid in enumerate(req_ids):
@@ -287,6 +288,10 @@ class Router:
                 if opted_out[i]:
                     self._set_decided(st, NO_MEMORY)
                     self.counts["opted_out"] += 1
+                elif subject_rule and not self.cands.get(rid):  # names no edited subject: base model, known now
+                    self._set_decided(st, NO_MEMORY)
+                    self.counts["no_candidate"] += 1
+                    self.counts["decided"] += 1
                 elif start > first_on[i]:  # hit on salted blocks (plugin._salt): only identical prompts share them
                     row = self.decisions.get(st.key)
                     if row is not None:
