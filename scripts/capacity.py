@@ -8,7 +8,7 @@ of `memoir make-edits --n N --seed S` (SYNTHETIC invented subjects, several rela
 order with the transformers path; the store under --state/NAME is saved every --checkpoint-every edits, so a
 killed run continues with --resume. Then every edit prompt and paraphrase is asked greedily (Memoir.ask) and
 reported: the share of whole answers equal to the target (SQuAD-normalised) per block of --block edits, oldest
-first, and overall; paraphrases; questions of the same relation about another subject, of another relation
+first, and overall, and the share routed to their own edit; paraphrases likewise; questions of the same relation about another subject, of another relation
 about an edited subject, and unrelated questions answered as without the memory; edit seconds, shards and
 bytes of W_m per edit.
 """
@@ -72,6 +72,7 @@ def measure(m: Memoir, facts: list[dict], block: int, max_new_tokens: int) -> di
         answers = m.ask([f[field] for f in facts], max_new_tokens=max_new_tokens)
         ok = [answer_match(a.answer, f["target"]) for a, f in zip(answers, facts)]
         out[kind] = sum(ok) / len(ok)
+        out[f"{kind}_routed"] = sum(a.edit_id == i for i, a in enumerate(answers)) / len(answers)  # to its own edit
         out[f"{kind}_by_age"] = [sum(ok[s: s + block]) / len(ok[s: s + block]) for s in range(0, len(ok), block)]
     for name, field in UNCHANGED.items():
         answers = m.ask([f[field] for f in facts], max_new_tokens=max_new_tokens)
@@ -106,11 +107,12 @@ def main() -> None:
         log.info("%s: %s", name, {k: (round(v, 3) if isinstance(v, float) else v) for k, v in r.items()})
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps({"n": args.n, "seed": args.seed, "block": args.block, "runs": runs}, indent=1))
-    print("| variant | edited | by age (oldest first) | paraphrase | same relation unchanged | same subject unchanged "
-          "| unrelated unchanged | shards | bytes/edit |\n|---|---|---|---|---|---|---|---|---|")
+    print("| variant | edited | by age (oldest first) | paraphrase | paraphrase routed to its edit | same relation unchanged "
+          "| same subject unchanged | unrelated unchanged | shards | bytes/edit |\n|---|---|---|---|---|---|---|---|---|---|")
     for r in runs:
         age = " ".join(f"{v:.2f}" for v in r["edited_by_age"])
-        print(f"| {r['variant']} | {r['edited']:.3f} | {age} | {r['paraphrase']:.3f} | {r['same_relation_unchanged']:.3f} "
+        print(f"| {r['variant']} | {r['edited']:.3f} | {age} | {r['paraphrase']:.3f} | {r['paraphrase_routed']:.3f} "
+              f"| {r['same_relation_unchanged']:.3f} "
               f"| {r['same_subject_unchanged']:.3f} | {r['unrelated_unchanged']:.3f} | {r['n_shards']} "
               f"| {r['bytes_per_edit'] / 1e3:.0f} kB |")
     print(f"results: {args.out}")
