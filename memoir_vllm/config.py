@@ -192,8 +192,10 @@ PRESETS: dict[str, dict[str, Any]] = {
                       memory_start="all", mask_key="none", answer_type=False, columns="shared"),
     "llama3-8b": dict(layer=27, k=4096, tau=0.4, lr=1.0, n_iter=30),
     "gptj-6b": dict(layer=21, k=4096, tau=0.4, lr=1.0, n_iter=70),
-    # SmolLM2-135M (30 blocks, D=1536), measured: see docs/defaults.md
-    "smollm2-135m": dict(layer=25, k=439, tau=0.5, lr=10.0, n_iter=30, stop_rule="loss"),
+    # SmolLM2-135M (30 blocks, D=1536), measured: see docs/defaults.md. Free columns of 64 (24 edits per W_m)
+    # with lr 160; "-shared" is its measured setting with the paper's shared columns (the mask rule needs it)
+    "smollm2-135m": dict(layer=25, k=64, tau=0.5, lr=160.0, n_iter=30, stop_rule="loss", columns="free"),
+    "smollm2-135m-shared": dict(layer=25, k=439, tau=0.5, lr=10.0, n_iter=30, stop_rule="loss", columns="shared"),
 }
 
 # (model_type, num_hidden_layers, intermediate_size) -> preset name
@@ -212,8 +214,11 @@ def preset(name: str, **overrides: Any) -> MemoirConfig:
 
 
 def default_config(model_type: str, n_layers: int, d_inner: int, **overrides: Any) -> MemoirConfig:
-    """The measured preset for a known model shape, else the generic defaults, with overrides."""
+    """The measured preset for a known model shape, else the generic defaults, with overrides. A preset with free
+    columns gives way to its "-shared" preset when the overrides ask for shared columns or the mask rule."""
     name = MODEL_PRESETS.get((model_type, n_layers, d_inner))
+    if name and f"{name}-shared" in PRESETS and (overrides.get("columns") == "shared" or overrides.get("routing") == "mask"):
+        name = f"{name}-shared"
     base = dict(PRESETS[name]) if name else {}
     return MemoirConfig(**{**base, **{k: v for k, v in overrides.items() if v is not None}})
 

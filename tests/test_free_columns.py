@@ -70,3 +70,16 @@ def test_edits_share_no_column_and_full_shards_open_new_ones(tiny_model_dir, tmp
     assert again.memory.index.shards.tolist() == [0, 0, 1, 1, 2]
     assert torch.equal(again.memory.weight[0], closed)
     assert [a.edit_id for a in again.ask([FACTS[0][0], FACTS[3][0], "Who founded Oracle?"])] == [0, 3, None]
+
+
+def test_the_embedded_models_preset_writes_free_columns_unless_shared_ones_are_asked_for():
+    from memoir_vllm.config import default_config
+
+    shape = ("llama", 30, 1536)  # SmolLM2-135M
+    free = default_config(*shape)
+    assert (free.columns, free.k, free.lr) == ("free", 64, 160.0)
+    for ask in (dict(columns="shared"), dict(routing="mask")):
+        shared = default_config(*shape, **ask)
+        assert (shared.columns, shared.k, shared.lr) == ("shared", 439, 10.0)
+    assert default_config(*shape, k=32).k == 32  # an explicit setting still wins
+    assert default_config("llama", 32, 14336).columns == "shared"  # no measurement on other models yet
