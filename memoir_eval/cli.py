@@ -80,7 +80,9 @@ def cmd_eval_routing(args: argparse.Namespace) -> int:
     if not 0 < args.n < len(records):
         raise ValueError(f"--n {args.n}: give 1..{len(records) - 1} (the file has {len(records)} records; the rest "
                          "are the neighbours)")
-    m = Memoir.create(args.model, **settings(args))
+    given = settings(args)
+    # the prompts' masks are TopHash masks of the shared-columns k (what the mask rule and the overlap stage read)
+    m = Memoir.create(args.model, **{**given, "columns": given.get("columns") or "shared"})
     results = evaluate_routing(m, records, args.n, subjects=args.subjects, check_taus=args.check_taus)
     print(markdown(results))
     if args.out:

@@ -48,13 +48,15 @@ def prompt_masks(m, texts: list[str], batch_size: int = 32, progress: bool = Tru
     return torch.cat(out)
 
 
-def variants(check_taus: tuple[float, ...]) -> dict[str, tuple[str, str, float | None, bool]]:
-    """name -> (rule, subject_check, check_tau, answer_type) of the rules compared."""
-    out = {"mask": ("mask", "none", None, False), "subject": ("subject", "none", None, False),
-           "subject+type": ("subject", "none", None, True)}
+def variants(check_taus: tuple[float, ...]) -> dict[str, tuple[str, str, float | None, bool, str]]:
+    """name -> (rule, subject_check, check_tau, answer_type, columns) of the rules compared. Under free columns
+    a request takes its first candidate (no mask overlap), so those variants have one row whatever tau."""
+    out = {"mask": ("mask", "none", None, False, "shared"), "subject": ("subject", "none", None, False, "shared"),
+           "subject+type": ("subject", "none", None, True, "shared")}
     for c in check_taus:
-        out[f"subject+encoder {c}"] = ("subject", "encoder", c, False)
-        out[f"subject+type+encoder {c}"] = ("subject", "encoder", c, True)
+        out[f"subject+encoder {c}"] = ("subject", "encoder", c, False, "shared")
+        out[f"subject+type+encoder {c}"] = ("subject", "encoder", c, True, "shared")
+        out[f"subject+type+encoder {c}, free columns"] = ("subject", "encoder", c, True, "free")
     return out
 
 
@@ -95,14 +97,14 @@ def evaluate_routing(m, records: list[dict[str, Any]], n: int, subjects: str = "
                                "rules": {}}
     queries = {"para": (P, [t for _, t in para_recs]), "neighbours": (Nb, [prompt(r) for r in others]),
                "nq": (NQ, nq_texts), **{key: (M, extra[key]) for key, M in extra_masks.items()}}
-    for name, (rule, check, ctau, atype) in variants(check_taus or (m.memory.check_tau,)).items():
-        memory.rule, memory.subject_check, memory.answer_type = rule, check, atype
+    for name, (rule, check, ctau, atype, columns) in variants(check_taus or (m.memory.check_tau,)).items():
+        memory.rule, memory.subject_check, memory.answer_type, memory.columns = rule, check, atype, columns
         memory.check_tau = ctau if ctau is not None else memory.check_tau
         t1 = time.perf_counter()
         cands = {q: memory.candidates(texts) for q, (_, texts) in queries.items()}  # do not depend on tau
         cand_ms = 1000 * (time.perf_counter() - t1) / sum(len(t) for _, t in queries.values())
         rows = []
-        for tau in taus:
+        for tau in (taus if columns == "shared" else taus[:1]):
             memory.tau = memory.subject_tau = tau
             t1 = time.perf_counter()
             routed = {q: memory.decide_masks(M, cands[q]).row for q, (M, _) in queries.items()}
@@ -112,7 +114,8 @@ def evaluate_routing(m, records: list[dict[str, Any]], n: int, subjects: str = "
                      for key in extra_masks}
             same_sub = [bool(r >= 0 and norm_sub[int(r)] == norm_sub[int(o)]) for r, o in zip(rp, owner)]
             rows.append(dict(
-                tau=tau, para_own=round(float((rp == owner).float().mean()), 4),
+                tau=tau if columns == "shared" else None,  # None: free columns read no overlap
+                para_own=round(float((rp == owner).float().mean()), 4),
                 para_subject=round(sum(same_sub) / max(len(same_sub), 1), 4),
                 neighbours=round(float((rn >= 0).float().mean()), 4),
                 nq=round(float((rq >= 0).float().mean()), 4), **kinds, ms_per_query=round(route_ms, 3),
@@ -138,5 +141,6 @@ def markdown(results: dict[str, Any]) -> str:
     for rule, rows in results["rules"].items():
         for r in rows:
             vals = [r["para_own"], r["para_subject"], r["neighbours"], r["nq"]] + [r[k] for k in extra]
-            lines.append(f"| {rule} | {r['tau']} | " + " | ".join(f"{v:.3f}" for v in vals) + " |")
+            tau = "–" if r["tau"] is None else r["tau"]
+            lines.append(f"| {rule} | {tau} | " + " | ".join(f"{v:.3f}" for v in vals) + " |")
     return "\n".join(lines)
