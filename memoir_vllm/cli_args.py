@@ -10,7 +10,7 @@ import dataclasses
 import os
 import typing
 
-from .config import MemoirConfig
+from .config import PRESETS, MemoirConfig
 
 # fields that are not flags: the rest of MemoirConfig is settable from the command line
 NOT_FLAGS: frozenset[str] = frozenset()
@@ -39,11 +39,19 @@ def add_settings(p: argparse.ArgumentParser) -> None:
             g.add_argument(flag, dest=f.name, type=kind, choices=meta.get("choices"), default=None, help=meta["help"])
     g.add_argument("--reference", dest="fast", action="store_false", default=None,
                    help="the reference full forward every step (same as --no-fast)")
+    g.add_argument("--preset", choices=sorted(PRESETS), default=None,
+                   help="start from this named preset instead of the model's measured one (the other flags still "
+                   "override it): reference is the paper's rule and editor (mask routing, shared columns, lr 1, "
+                   "full forward); see memoir_vllm/config.py PRESETS")
 
 
 def settings(args: argparse.Namespace) -> dict:
-    """The MemoirConfig overrides the user gave (flags left unset are absent)."""
-    return {f.name: getattr(args, f.name) for f in settable_fields() if getattr(args, f.name, None) is not None}
+    """The MemoirConfig overrides the user gave (flags left unset are absent), and `preset` when one was named
+    (Memoir.create passes it on to config.default_config)."""
+    out = {f.name: getattr(args, f.name) for f in settable_fields() if getattr(args, f.name, None) is not None}
+    if getattr(args, "preset", None):
+        out["preset"] = args.preset
+    return out
 
 
 def add_device(p: argparse.ArgumentParser) -> None:

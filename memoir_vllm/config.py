@@ -213,9 +213,15 @@ def preset(name: str, **overrides: Any) -> MemoirConfig:
     return MemoirConfig(**{**PRESETS[name], **overrides})
 
 
-def default_config(model_type: str, n_layers: int, d_inner: int, **overrides: Any) -> MemoirConfig:
-    """The measured preset for a known model shape, else the generic defaults, with overrides. A preset with free
-    columns gives way to its "-shared" preset when the overrides ask for shared columns or the mask rule."""
+def default_config(model_type: str, n_layers: int, d_inner: int, preset: str | None = None,
+                   **overrides: Any) -> MemoirConfig:
+    """The named `preset`, else the measured preset for a known model shape, else the generic defaults, with
+    overrides. A model preset with free columns gives way to its "-shared" preset when the overrides ask for
+    shared columns or the mask rule."""
+    if preset is not None:
+        if preset not in PRESETS:
+            raise ValueError(f"unknown preset {preset!r}; presets: {sorted(PRESETS)}")
+        return MemoirConfig(**{**PRESETS[preset], **{k: v for k, v in overrides.items() if v is not None}})
     name = MODEL_PRESETS.get((model_type, n_layers, d_inner))
     if name and f"{name}-shared" in PRESETS and (overrides.get("columns") == "shared" or overrides.get("routing") == "mask"):
         name = f"{name}-shared"

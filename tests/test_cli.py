@@ -90,3 +90,17 @@ def test_existing_store_needs_resume(tiny_model_dir, tmp_path, capsys):
     assert main(["edit", "--edits", str(other), "--out", str(out), "--resume"]) == 2
     assert "differs from the edit file's record 0" in capsys.readouterr().err
 
+
+
+def test_a_named_preset_from_the_command_line(tiny_model_dir, tmp_path):
+    """`--preset reference` writes the paper's rule and editor; other flags still override the preset."""
+    from memoir_vllm.config import default_config
+
+    edits = write_edits(tmp_path / "v.jsonl", 1)
+    out = tmp_path / "s"
+    assert main(["edit", "--model", str(tiny_model_dir), "--edits", str(edits), "--out", str(out), "--n-iter", "2",
+                 "--preset", "reference"]) == 0
+    cfg = load_snapshot(out).config
+    assert (cfg.routing, cfg.columns, cfg.lr, cfg.fast, cfg.decay, cfg.n_iter) == ("mask", "shared", 1.0, False, "coupled", 2)
+    with pytest.raises(ValueError, match="unknown preset 'paper'"):
+        default_config("llama", 30, 1536, preset="paper")
