@@ -133,6 +133,10 @@ class MemoirConfig:
                               "paper's) or loss (loss <= stop_loss; ~1.6x faster, less interference at T=1000)",
                               STOP_RULES)
     n_templates: int = _setting(10, "augmented context-template rows (the reference uses 10)")
+    template_decoding: str = _setting("greedy", "how the context templates are generated, once per memory (stored "
+                                      "in its snapshot): greedy from the seed words, or model (the reference: under "
+                                      "the model's own generation config, seeded by --seed; greedy where that "
+                                      "config does not sample)", ("greedy", "model"))
     # cache the frozen prefix and run only the blocks after the edited one: the same loss as the
     # reference full forward within 1e-4, ~4x faster; fast=False is the reference computation
     fast: bool = _setting(True, "cached-prefix editing (same loss within 1e-4, ~4x faster); --no-fast is the "
@@ -189,7 +193,8 @@ class MemoirConfig:
 PRESETS: dict[str, dict[str, Any]] = {
     "reference": dict(tau=0.4, lr=1.0, n_iter=30, optimizer="sgd", grad_clip=1.0, fast=False, weight_decay=1e-5,
                       decay="coupled", routing="mask", supersede=False, prompt_format="raw", answer_end="none",
-                      memory_start="all", mask_key="none", answer_type=False, columns="shared"),
+                      memory_start="all", mask_key="none", answer_type=False, columns="shared",
+                      template_decoding="model"),
     "llama3-8b": dict(layer=27, k=4096, tau=0.4, lr=1.0, n_iter=30),
     "gptj-6b": dict(layer=21, k=4096, tau=0.4, lr=1.0, n_iter=70),
     # SmolLM2-135M (30 blocks, D=1536), measured: see docs/defaults.md. Free columns of 64 (24 edits per W_m)

@@ -25,21 +25,30 @@ log = logging.getLogger(__name__)
 
 TEMPLATE_SEEDS = ("I", "You", "Because", "Yes", "Q: ")
 TEMPLATE_LENGTHS = (5, 10)  # new tokens; one template per seed and length -> 10 templates
+TEMPLATE_DECODINGS = ("greedy", "model")
 
 
 @torch.no_grad()
-def generate_templates(model, tok, n_templates: int = 10) -> list[str]:
-    """Context templates generated once per model by greedy decoding from the unedited model."""
+def generate_templates(model, tok, n_templates: int = 10, decoding: str = "greedy", seed: int = 0) -> list[str]:
+    """Context templates generated once per memory from the unedited model, one per seed word and length.
+
+    decoding "greedy": greedy from the seeds; "model" (the reference): under the model's own generation config
+    (sampling where it samples, e.g. Llama-3-8B-Instruct's temperature 0.6, top_p 0.9), seeded by `seed` so a
+    memory's templates are reproducible; greedy where the config does not sample (SmolLM2's).
+    """
+    if decoding not in TEMPLATE_DECODINGS:
+        raise ValueError(f"template decoding {decoding!r}: use {' or '.join(TEMPLATE_DECODINGS)}")
     templates: list[str] = []
-    for length in TEMPLATE_LENGTHS:
+    for i, length in enumerate(TEMPLATE_LENGTHS):
         b = encode_prompts(tok, list(TEMPLATE_SEEDS)).to(model.device)
         ids, attn = b.input_ids, b.attention_mask
-        out = model.generate(
-            input_ids=ids, attention_mask=attn, max_new_tokens=length, min_new_tokens=length,
-            do_sample=False, pad_token_id=tok.pad_token_id,
-        )
-        for seed, row in zip(TEMPLATE_SEEDS, out[:, ids.shape[1]:]):
-            text = seed + tok.decode(row, skip_special_tokens=True)
+        how = {"do_sample": False} if decoding == "greedy" else {"generation_config": model.generation_config}
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(seed + i)
+            out = model.generate(input_ids=ids, attention_mask=attn, max_new_tokens=length, min_new_tokens=length,
+                                 pad_token_id=tok.pad_token_id, **how)
+        for word, row in zip(TEMPLATE_SEEDS, out[:, ids.shape[1]:]):
+            text = word + tok.decode(row, skip_special_tokens=True)
             templates.append(text.replace("{", " ").replace("}", " "))
     return templates[:n_templates]
 
@@ -129,7 +138,8 @@ class SequentialEditor:
     def __init__(self, model, tok, memory: ResidualMemory, cfg: MemoirConfig, templates: list[str] | None = None):
         self.model, self.tok, self.memory, self.cfg = model, tok, memory, cfg
         self.layer = attach(model, memory, cfg.layer)
-        self.templates = generate_templates(model, tok, cfg.n_templates) if templates is None else templates
+        self.templates = (generate_templates(model, tok, cfg.n_templates, cfg.template_decoding, cfg.seed)
+                          if templates is None else templates)
         self.max_length = getattr(model.config, "max_position_embeddings", None)
 
     def rows(self, prompt: str, target: str) -> PairBatch:

@@ -116,7 +116,7 @@ class Memoir:
         layer = attach(hf_model, memory, cfg.layer)
         texts = (background or builtin_background())[: cfg.n_background]
         memory.background.copy_(compute_background(hf_model, tok, layer, texts))
-        templates = generate_templates(hf_model, tok, cfg.n_templates)
+        templates = generate_templates(hf_model, tok, cfg.n_templates, cfg.template_decoding, cfg.seed)
         ref = "default" if str(model) == "default" else str(resolve_model_dir(model).resolve())
         state = MemoryState(memory, [], cfg, templates, {**model_identity(hf_model), "path": ref},
                             down_proj_path(hf_model, cfg.layer))
