@@ -288,10 +288,6 @@ class Router:
                 if opted_out[i]:
                     self._set_decided(st, NO_MEMORY)
                     self.counts["opted_out"] += 1
-                elif subject_rule and not self.cands.get(rid):  # names no edited subject: base model, known now
-                    self._set_decided(st, NO_MEMORY)
-                    self.counts["no_candidate"] += 1
-                    self.counts["decided"] += 1
                 elif start > first_on[i]:  # hit on salted blocks (plugin._salt): only identical prompts share them
                     row = self.decisions.get(st.key)
                     if row is not None:
@@ -305,6 +301,10 @@ class Router:
                                     "prompt; it is routed from its uncached prompt tokens only", start)
                 elif start > 0:  # only the memory-free blocks before its routing span were cached (shared)
                     self.counts["shared_prefix"] += 1
+                if not st.decided and subject_rule and not self.cands.get(rid):  # names no edited subject: the
+                    self._set_decided(st, NO_MEMORY)  # base model, known at admission
+                    self.counts["no_candidate"] += 1
+                    self.counts["decided"] += 1
                 if not st.decided:
                     fresh.append(st.slot)
             slots[i] = st.slot
