@@ -76,7 +76,8 @@ class MemoirConfig:
     routing: str = _setting("subject", "routing rule: subject (an edit is a candidate only for requests that name its "
                             "subject; among the candidates the best mask overlap >= subject_tau routes) or mask (the "
                             "paper's: the best overlap over all edits >= tau)", ROUTING_RULES)
-    subject_tau: float = _setting(0.3, "routing threshold on overlap/k among the subject's candidates (routing=subject)")
+    subject_tau: float = _setting(0.3, "routing threshold on overlap/k among the subject's candidates (routing=subject "
+                                  "with shared columns; free columns read no overlap)")
     subject_check: str = _setting("encoder", "second stage of the subject rule: encoder (a candidate must also ask "
                                   "the edit's question: cosine of all-MiniLM-L6-v2 vectors of the request and the "
                                   "edit prompt, the subject masked in both, >= check_tau) or none", SUBJECT_CHECKS)

@@ -265,15 +265,15 @@ def test_preemption_keeps_each_requests_routing(served, default_model_dir, tmp_p
 
 def test_compiled_engine_matches_transformers(served, default_model_dir, tmp_path):
     """enforce_eager=False: vLLM torch.compiles the model (CPU: inductor). The memory term is an opaque custom
-    op reading the router's buffers, so the compiled graph routes per request, and a tau change made after
-    compilation takes effect (the paraphrase routed at the snapshot's tau is not routed at tau 1.0), as does
-    switching the memory off."""
+    op reading the router's buffers, so the compiled graph routes per request, and a change made after
+    compilation takes effect (edit 1 disabled: its paraphrase is no longer routed), as does switching the
+    memory off."""
     snap, m = served
     later = [EDITS[1][0], PARAPHRASES[1]]
     kw = engine_kwargs(default_model_dir, max_num_seqs=3, enforce_eager=False, hf_overrides={"memoir_snapshot": str(snap)},
                        worker_extension_cls="memoir_vllm.vllm.plugin.MemoirWorkerExtension")
     res = run_engine(tmp_path, kw, [{"op": "generate", "prompts": PROMPTS, "max_tokens": MAX_TOKENS},
-                                    {"op": "rpc", "method": "memoir_set_tau", "args": [1.0]},
+                                    {"op": "rpc", "method": "memoir_set_active", "args": [1, False]},
                                     {"op": "reset_prefix_cache"},
                                     {"op": "generate", "prompts": later, "max_tokens": [8, 8]},
                                     {"op": "rpc", "method": "memoir_enable", "args": [False]},
@@ -282,12 +282,12 @@ def test_compiled_engine_matches_transformers(served, default_model_dir, tmp_pat
                      env={"VLLM_ENABLE_V1_MULTIPROCESSING": "0", "VLLM_CACHE_ROOT": str(tmp_path / "vllm_cache")})
     eos = m.tok.eos_token_id
     assert [_strip(t, eos) for t in res[1]] == hf_tokens(m, PROMPTS, MAX_TOKENS)
-    before, tau = hf_tokens(m, later, [8, 8]), m.memory.tau
-    m.set_tau(1.0)  # only exact mask matches route now
+    before = hf_tokens(m, later, [8, 8])
+    m.set_active(1, False)  # edit 1 routes no more
     try:
         want = hf_tokens(m, later, [8, 8])
     finally:
-        m.set_tau(tau)
+        m.set_active(1, True)
     assert want[1] != before[1]  # the paraphrase lost its route: the change is visible
     assert [_strip(t, eos) for t in res[4]] == want
     # switched off after compilation (the graph keeps the op; unarmed, it leaves the base output)
