@@ -12,7 +12,9 @@ The one routing rule lives here, for every caller (the transformers layer, the v
         answer_type.py; the encoder check: cosine of the request's and the edit prompt's sentence vectors, the
         subject masked in both, >= check_tau; best cosine first)
         pooled prompt -> feature() -> decide(candidates): TopHash mask -> best active candidate (ties: the
-        newest) -> routed iff ratio >= subject_tau; no candidate, no memory term
+        newest) -> routed iff ratio >= subject_tau; no candidate, no memory term. Under columns "free" (each
+        edit writes columns no other edit of its shard wrote, free_columns_for) the mask is no routing key:
+        the first active candidate routes
     memory_term(acts, decision masks, shards)
 
 `decide` runs on the memory's device with fixed shapes and no host sync, so the vLLM op can call it
@@ -382,12 +384,12 @@ class ResidualMemory(nn.Module):
         b, c = cand.shape
         safe = cand.clamp(0, len(self.index) - 1)
         valid = (cand >= 0) & (cand < len(self.index)) & self.index.active[safe]  # [B, C]
-        masks = unpack_masks(self.index.packed[safe.flatten()], self.d_inner).view(b, c, -1)  # [B, C, D]
-        q_idx = self.keyed(mask_idx.unsqueeze(1).expand(b, c, -1), self.index.keys[safe])  # [B, C, k]
-        query = torch.zeros(b, c, self.d_inner, dtype=torch.bool, device=masks.device).scatter_(2, q_idx, True)
         if self.columns == "free":  # no overlap to read: the first valid candidate (the second stage's best)
-            ov = torch.full_like(cand, self.k).masked_fill(~valid, -1)
+            ov = torch.full_like(cand, self.k).masked_fill(~valid, -1)  # [B, C]
         else:
+            masks = unpack_masks(self.index.packed[safe.flatten()], self.d_inner).view(b, c, -1)  # [B, C, D]
+            q_idx = self.keyed(mask_idx.unsqueeze(1).expand(b, c, -1), self.index.keys[safe])  # [B, C, k]
+            query = torch.zeros(b, c, self.d_inner, dtype=torch.bool, device=masks.device).scatter_(2, q_idx, True)
             ov = (masks & query).sum(-1).masked_fill(~valid, -1)  # [B, C]
         top, j = ov.max(dim=1)
         return top, cand.gather(1, j.unsqueeze(1)).squeeze(1)

@@ -243,7 +243,8 @@ class Memoir:
     def why(self, scored: list[list[tuple[int, float | None]]], mask_idx) -> list[list[dict]]:
         """Per prompt, its subject-rule candidates (ResidualMemory.candidate_scores) in decision order: edit id,
         subject, encoder cosine (None without the check) and mask overlap / k of its query mask (mask_idx
-        [B, k]); the first with overlap >= subject_tau is the one routed to."""
+        [B, k]; None under free columns, where the first candidate is the one routed to); with shared columns the
+        first with overlap >= subject_tau is the one routed to."""
         from .tophash import indices_to_mask
 
         mem, out = self.memory, []
@@ -252,7 +253,8 @@ class Memoir:
             q = indices_to_mask(mem.keyed(mask_idx[i].expand(len(rows), -1), mem.index.keys[rows]), mem.d_inner)
             ov = (mem.index.masks(rows) & q).sum(1).tolist() if len(rows) else []
             out.append([dict(edit_id=int(mem.index.edit_ids[r]), subject=list(mem.subjects.aliases[r]), cosine=c,
-                             overlap=round(o / mem.k, 4)) for (r, c), o in zip(cands, ov)])
+                             overlap=round(o / mem.k, 4) if mem.columns == "shared" else None)
+                        for (r, c), o in zip(cands, ov)])
         return out
 
     # -- saving ---------------------------------------------------------------------------------
