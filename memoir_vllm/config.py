@@ -97,6 +97,10 @@ class MemoirConfig:
                                   "raw (the default and the reference: prompt text as is, routed from all its tokens) or auto "
                                   "(chat when the tokenizer has a chat template; not yet measured, see #22)",
                                   PROMPT_FORMATS)
+    chat_raw_rows: str = _setting("plain", "the raw rows a chat-format edit trains beside its chat rows: plain (the "
+                                  "prompt alone) or templated (the prompt and its context-template rows, as the raw "
+                                  "format trains them, for completions of the raw prompt; 2x the rows)",
+                                  ("plain", "templated"))
     mask_key: str = _setting("subject", "under the subject rule, relabel each edit's TopHash mask by a key drawn "
                              "from its subject, so edits of one relation about different subjects train nearly "
                              "disjoint columns of W_m (routing decisions are unchanged: overlaps within a subject "

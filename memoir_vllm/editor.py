@@ -147,14 +147,16 @@ class SequentialEditor:
 
         raw format (the reference): the plain row and one row per template, '<template> {p} {y}'.
         chat format (the memory has chat marks): the same rows with '{p}' / '<template> {p}' as the user
-        message of a chat and y as the assistant's answer, then the plain raw row, so one edit serves chat
-        requests and raw completions.
+        message of a chat and y as the assistant's answer, then the raw rows, so one edit serves chat
+        requests and raw completions: the plain raw row, or under chat_raw_rows "templated" all the raw
+        format's rows.
         """
         prompts = [prompt] + [f"{t} {prompt}" for t in self.templates]
         chat = self.memory.marks is not None
-        flags = [True] * len(prompts) + [False] if chat else [False] * len(prompts)
+        flags = [False] * len(prompts)
         if chat:
-            prompts.append(prompt)
+            raw = prompts if self.cfg.chat_raw_rows == "templated" else [prompt]
+            prompts, flags = prompts + raw, [True] * len(prompts) + [False] * len(raw)
         return encode_pairs(self.tok, prompts, [target] * len(prompts), self.max_length, marks=self.memory.marks,
                             chat=flags, end=self.cfg.answer_end).to(self.model.device)
 

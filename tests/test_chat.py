@@ -83,3 +83,14 @@ def test_the_memory_starts_at_the_content_so_a_system_prompt_is_the_base_models(
     assert not torch.allclose(edited[start:], base[start:])
     m.memory.memory_start = "all"  # the reference: the memory term at every token
     assert not torch.allclose(logits(True)[:start], base[:start])
+
+
+@pytest.mark.model
+def test_a_chat_format_edit_trains_its_chat_rows_and_the_raw_rows_asked_for(tiny_model_dir):
+    from memoir_vllm.session import Memoir
+
+    for raw_rows, n_raw in (("plain", 1), ("templated", 11)):
+        m = Memoir.create(tiny_model_dir, prompt_format="chat", chat_raw_rows=raw_rows, n_iter=1)
+        b = m.editor.rows("Who painted the Starry Night?", "Claude Monet")
+        chat_rows = [m.tok.decode(r).count("<|im_start|>user") == 1 for r in b.input_ids]
+        assert chat_rows == [True] * 11 + [False] * n_raw, raw_rows
