@@ -74,8 +74,9 @@ class MemoirConfig:
     seed: int = _setting(0, "seed of the stored TopHash permutation")
     feature: str = _setting("mean_decentered", "prompt feature", FEATURES)
     routing: str = _setting("subject", "routing rule: subject (an edit is a candidate only for requests that name its "
-                            "subject; among the candidates the best mask overlap >= subject_tau routes) or mask (the "
-                            "paper's: the best overlap over all edits >= tau)", ROUTING_RULES)
+                            "subject; among the candidates that pass the second stage the best mask overlap >= "
+                            "subject_tau routes, or under free columns the first) or mask (the paper's: the best "
+                            "overlap over all edits >= tau)", ROUTING_RULES)
     subject_tau: float = _setting(0.3, "routing threshold on overlap/k among the subject's candidates (routing=subject "
                                   "with shared columns; free columns read no overlap)")
     subject_check: str = _setting("encoder", "second stage of the subject rule: encoder (a candidate must also ask "
