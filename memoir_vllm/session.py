@@ -250,11 +250,13 @@ class Memoir:
         mem, out = self.memory, []
         for i, cands in enumerate(scored):
             rows = torch.tensor([r for r, _ in cands], dtype=torch.int64)
-            q = indices_to_mask(mem.keyed(mask_idx[i].expand(len(rows), -1), mem.index.keys[rows]), mem.d_inner)
-            ov = (mem.index.masks(rows) & q).sum(1).tolist() if len(rows) else []
+            if mem.columns == "shared" and len(rows):
+                q = indices_to_mask(mem.keyed(mask_idx[i].expand(len(rows), -1), mem.index.keys[rows]), mem.d_inner)
+                ov = [round(o / mem.k, 4) for o in (mem.index.masks(rows) & q).sum(1).tolist()]
+            else:  # free columns read no overlap
+                ov = [None] * len(rows)
             out.append([dict(edit_id=int(mem.index.edit_ids[r]), subject=list(mem.subjects.aliases[r]), cosine=c,
-                             overlap=round(o / mem.k, 4) if mem.columns == "shared" else None)
-                        for (r, c), o in zip(cands, ov)])
+                             overlap=o) for (r, c), o in zip(cands, ov)])
         return out
 
     # -- saving ---------------------------------------------------------------------------------

@@ -275,7 +275,7 @@ class Router:
         new_cands: list[tuple[int, list[tuple[int, float | None]]]] = []  # (slot, candidates) of new requests
         need_memory = False
         subject_rule = self.memory.rule == "subject"
-        present: set[int] | None = set() if self.memory.n_shards > 1 and self.memory.rule == "subject" else None
+        present: set[int] | None = set() if self.memory.n_shards > 1 and subject_rule else None
         gens = np.full(n, self.gen, dtype=np.int64)  # [R] memory generation of each request
         for i, rid in enumerate(req_ids):
             st = self.states.get(rid)
