@@ -107,6 +107,11 @@ def converged(losses: list[float], cfg: MemoirConfig) -> bool:
     return len(losses) >= 2 and abs(losses[-1] - losses[-2]) <= cfg.stop_delta
 
 
+def failed(losses: list[float]) -> bool:
+    """Whether an edit's steps left its loss above half the first loss (diverged or stalled): worth a retry."""
+    return len(losses) > 1 and losses[-1] > 0.5 * losses[0]
+
+
 @contextlib.contextmanager
 def decay_step(w: torch.Tensor, cfg: MemoirConfig) -> Iterator[None]:
     """Weight decay around one optimizer step of the trained shard w = W_m[shard] (other shards never shrink).
@@ -175,24 +180,42 @@ class SequentialEditor:
         batch = self.rows(prompt, target)
         step_fn, mask_idx = (self._fast_steps if self.cfg.fast else self._reference_steps)(batch, shard, key)
         result = EditResult(edit_id=-1, mask_idx=mask_idx)
-        opt_cls = torch.optim.SGD if self.cfg.optimizer == "sgd" else torch.optim.Adam
-        losses = result.losses
         with self.memory.trainable(shard) as w:  # this edit's shard alone: a step costs one shard
-            opt = opt_cls([w], lr=self.cfg.lr)  # decay is applied by decay_step
-            for _ in range(self.cfg.n_iter):
-                if converged(losses, self.cfg):
+            before = w.detach().clone() if self.cfg.retries else None
+            lr = self.cfg.lr
+            losses = self._train(w, step_fn, lr)
+            result.losses += losses
+            for _ in range(self.cfg.retries):
+                if not failed(losses):
                     break
-                opt.zero_grad(set_to_none=True)
-                loss = step_fn()
-                loss.backward()
-                if self.cfg.grad_clip > 0:
-                    torch.nn.utils.clip_grad_norm_([w], self.cfg.grad_clip)
-                with decay_step(w, self.cfg):
-                    opt.step()
-                losses.append(loss.item())
+                lr /= 2
+                log.info("edit of %r ended at loss %.3f (first %.3f): again at lr %g", prompt[:60], losses[-1],
+                         losses[0], lr)
+                with torch.no_grad():
+                    w.copy_(before)
+                losses = self._train(w, step_fn, lr)
+                result.losses += losses
         result.edit_id = self.memory.add_edit(mask_idx, edit_id=edit_id, shard=shard, key=key)
         result.seconds = time.perf_counter() - t0
         return result
+
+    def _train(self, w: torch.Tensor, step_fn, lr: float) -> list[float]:
+        """Optimizer steps on the trained shard `w` until converged or n_iter; the loss before each step."""
+        opt_cls = torch.optim.SGD if self.cfg.optimizer == "sgd" else torch.optim.Adam
+        opt = opt_cls([w], lr=lr)  # decay is applied by decay_step
+        losses: list[float] = []
+        for _ in range(self.cfg.n_iter):
+            if converged(losses, self.cfg):
+                break
+            opt.zero_grad(set_to_none=True)
+            loss = step_fn()
+            loss.backward()
+            if self.cfg.grad_clip > 0:
+                torch.nn.utils.clip_grad_norm_([w], self.cfg.grad_clip)
+            with decay_step(w, self.cfg):
+                opt.step()
+            losses.append(loss.item())
+        return losses
 
     # -- the two ways of computing the loss under the edit's mask ---------------------------
 

@@ -124,3 +124,15 @@ def test_early_stop_rules():
     assert converged([0.01905, 0.019], reference)
     with pytest.raises(ValueError, match="stop_rule"):
         MemoirConfig(stop_rule="never")
+
+
+def test_a_failed_edit_is_trained_again_from_its_state_before_at_half_the_lr():
+    # lr 1e4 is far past the edge of stability: three steps end above half the first loss, so the edit is
+    # retried from the memory as it was before it (the same first loss) at lr 5e3, which converges enough
+    m = Memoir.create("default", n_iter=3, lr=1e4, retries=2)
+    losses = m.editor.edit("What is the capital city of Norway?", "Bergen").losses
+    assert len(losses) == 6 and losses[3] == pytest.approx(losses[0], abs=1e-6)
+    assert losses[2] > 0.5 * losses[0] and losses[5] < 0.5 * losses[0]
+    assert losses == pytest.approx([3.754, 3.578, 4.558, 3.754, 4.374, 1.227], abs=2e-3)
+    once = Memoir.create("default", n_iter=3, lr=1e4, retries=0)  # the reference: the failed edit is kept
+    assert once.editor.edit("What is the capital city of Norway?", "Bergen").losses == pytest.approx(losses[:3], abs=1e-5)
