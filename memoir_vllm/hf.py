@@ -85,7 +85,7 @@ class MemoirLayer(nn.Module):
         sel = d.routed.nonzero().flatten()  # [b] batch rows with a matched edit
         if sel.numel() == 0:
             return out
-        delta = self.memory.delta(a[sel], d.mask[sel], d.shard[sel])  # [b, T, d_model]
+        delta = self.memory.routed_term(a[sel], d.select(sel))  # [b, T, d_model]
         if first and self.memory.gates_content:  # no memory before the routing span (memory_start "content")
             delta = delta * from_span(self.prompt_mask[sel]).unsqueeze(-1).to(delta.dtype)
         out = out.clone()

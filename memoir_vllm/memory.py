@@ -15,7 +15,9 @@ The one routing rule lives here, for every caller (the transformers layer, the v
         newest) -> routed iff ratio >= subject_tau; no candidate, no memory term. Under columns "free" (each
         edit writes columns no other edit of its shard wrote, free_columns_for) the mask is no routing key:
         the first active candidate routes
-    memory_term(acts, decision masks, shards)
+    memory_term(acts, decision masks, shards)      shared columns: one masked matmul per shard present
+    column_term(acts, cols, column_table(rows))    free columns: each routed token reads its edit's k columns
+                                                   alone, whatever the number of shards
 
 `decide` runs on the memory's device with fixed shapes and no host sync, so the vLLM op can call it
 inside a forward. Everything is a buffer (or W_m a parameter), so `state_dict()` is the whole memory.
@@ -25,9 +27,11 @@ from __future__ import annotations
 import contextlib
 import hashlib
 from collections.abc import Iterator, Sequence
+import dataclasses
 from dataclasses import dataclass
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from .answer_type import same_answer_type
@@ -63,6 +67,22 @@ def memory_from(prompt_ids: list[int], marks: ChatMarks | None, memory_start: st
     return routing_span(prompt_ids, marks)[0] if starts_at_content(memory_start, marks) else 0
 
 
+def mask_columns(masks: torch.Tensor, k: int) -> torch.Tensor:
+    """[B, k] int64: the columns of masks [B, D] bool that hold k ones each, ascending (fixed shapes, no sync)."""
+    return torch.sort(masks.to(torch.int8), dim=1, descending=True, stable=True).indices[:, :k]
+
+
+def column_term(acts: torch.Tensor, cols: torch.Tensor, table: torch.Tensor, which: torch.Tensor) -> torch.Tensor:
+    """The free-columns memory term of tokens acts [N, D]: token t reads its edit's columns cols[t] [k] with the
+    weights table[which[t]] [k, d_model] (ResidualMemory.column_table): sum_j table[which[t], j] * acts[t, cols[t, j]].
+    One embedding bag over the gathered weights (vLLM's per-token LoRA term, on any device): the cost follows the
+    tokens and k, never the number of shards. Returns [N, d_model] in acts' dtype."""
+    k, d_model = table.shape[1], table.shape[2]
+    weights = acts.gather(1, cols).to(table.dtype)  # [N, k]
+    bags = which.unsqueeze(1) * k + torch.arange(k, device=acts.device)  # [N, k] rows of the flat table
+    return F.embedding_bag(bags, table.reshape(-1, d_model), per_sample_weights=weights, mode="sum").to(acts.dtype)
+
+
 def from_span(route_mask: torch.Tensor) -> torch.Tensor:
     """[B, T] bool: the positions at or after each row's first routing token, where a routed row gets the memory
     term when the memory gates_content (left padding and a chat prompt's system prompt and header come before)."""
@@ -79,10 +99,17 @@ class Decision:
     mask: torch.Tensor  # [B, D] bool mask of the matched row (all False when not routed)
     shard: torch.Tensor  # [B] int64 W_m shard of the matched row (0 when not routed)
     mask_idx: torch.Tensor  # [B, k] int64 the rows' own TopHash masks
+    cols: torch.Tensor | None = None  # [B, k] int64 free columns: the matched edit's columns (ascending; any when
+    # not routed, its column_table row is zero)
 
     @property
     def routed(self) -> torch.Tensor:
         return self.row >= 0  # [B] bool
+
+    def select(self, rows: torch.Tensor) -> "Decision":
+        """The decisions of the batch rows `rows` [b] alone."""
+        values = (getattr(self, f.name) for f in dataclasses.fields(self))
+        return Decision(*(None if v is None else v[rows] for v in values))
 
 
 class ResidualMemory(nn.Module):
@@ -361,8 +388,9 @@ class ResidualMemory(nn.Module):
         none = torch.full((b,), NO_EDIT, dtype=torch.int64, device=dev)
         if len(self.index) == 0 or (candidates is not None and candidates.shape[1] == 0):
             zeros = torch.zeros(b, dtype=torch.int64, device=dev)
-            return Decision(none, none, torch.zeros(b, device=dev), torch.zeros(b, self.d_inner, dtype=torch.bool,
-                            device=dev), zeros, mask_idx)
+            empty = torch.zeros(b, self.d_inner, dtype=torch.bool, device=dev)
+            cols = mask_columns(empty, self.k) if self.columns == "free" else None
+            return Decision(none, none, torch.zeros(b, device=dev), empty, zeros, mask_idx, cols)
         query = indices_to_mask(mask_idx, self.d_inner)  # [B, D] bool
         if candidates is None:
             top, best = self.index.overlaps(query).max(dim=1)  # [B]; -1 = inactive
@@ -375,7 +403,8 @@ class ResidualMemory(nn.Module):
         row = torch.where(ratio >= tau, best, none)
         safe = row.clamp_min(0)
         mask = self.index.masks(safe) & (row >= 0).unsqueeze(1)  # [B, D]
-        return Decision(row, best, ratio, mask, self.index.shards[safe] * (row >= 0), mask_idx)
+        cols = mask_columns(mask, self.k) if self.columns == "free" else None
+        return Decision(row, best, ratio, mask, self.index.shards[safe] * (row >= 0), mask_idx, cols)
 
     def _best_candidate(self, mask_idx: torch.Tensor, cand: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """(overlap [B] int, -1 if no active candidate; row [B]) of the best of the candidate rows [B, C];
@@ -427,6 +456,22 @@ class ResidualMemory(nn.Module):
         for s in (range(self.n_shards) if present is None else present):
             out = out + (masked * (shards == s).unsqueeze(-1).to(acts.dtype)) @ self._shard_weight(s).to(acts.dtype).T
         return out
+
+    def column_table(self, rows: torch.Tensor, cols: torch.Tensor) -> torch.Tensor:
+        """[B, k, d_model]: the weights decided rows [B] (-1: none, a zero row) read at their columns cols [B, k]
+        (Decision.cols), W_m[shard][:, cols].T, gathered once per decision for column_term."""
+        shard = self.index.shards[rows.clamp_min(0)]  # [B]
+        table = self.weight.detach()[shard.unsqueeze(1), :, cols]  # [B, k, d_model]
+        return table * (rows >= 0).view(-1, 1, 1).to(table.dtype)
+
+    def routed_term(self, acts: torch.Tensor, d: Decision) -> torch.Tensor:
+        """The memory term of rows acts [B, T, D] routed by `d` (a Decision of those B rows): [B, T, d_model]."""
+        if d.cols is None:
+            return self.delta(acts, d.mask, d.shard)
+        b, t, _ = acts.shape
+        which = torch.arange(b, device=acts.device).repeat_interleave(t)  # [B*T] the row of each token
+        table = self.column_table(d.row, d.cols)
+        return column_term(acts.reshape(b * t, -1), d.cols[which], table, which).view(b, t, -1)
 
     def delta(self, acts: torch.Tensor, masks: torch.Tensor, shards: torch.Tensor | int = 0) -> torch.Tensor:
         """Memory term for acts [B, T, D] with one mask [B, D] and shard [B] (or an int) per row."""

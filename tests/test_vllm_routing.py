@@ -218,3 +218,42 @@ def test_a_request_naming_no_edited_subject_is_decided_at_admission():
              {"U", "A"})
     assert (o[:1] == 0).all() and o[1:].abs().sum() > 0
     attachment.remove("nocand")
+
+
+def test_free_columns_each_token_reads_its_own_edits_columns_whatever_the_shards():
+    """Free columns over 3 shards: the op computes no shard matmul (no shard plan); every token gets its own
+    edit's term W_m[shard][:, cols] a[cols] from the weights kept at its decision, equal to the masked matmul of
+    the transformers path, and a request routed before a swap keeps the weights it was routed with."""
+    torch.manual_seed(7)
+    p = {name: torch.randn(n, D) for name, n in (("A", 5), ("B", 6), ("C", 4))}
+    mem = ResidualMemory(DM, D, K, rule="subject", subject_tau=0.0, columns="free", n_shards=3)
+    for i, name in enumerate(p):  # edit i on shard i, at columns 16 i .. 16 i + 15
+        mem.add_edit(torch.arange(K * i, K * (i + 1)), shard=i)
+        mem.subjects.add([f"subject {name}"], f"about subject {name}")
+    with torch.no_grad():
+        mem.weight.normal_(0, 0.5)
+    texts = {1: "about subject A", 2: "about subject B"}
+    router = Router(mem, max_reqs=4, max_tokens=32, dtype=torch.float32, device=torch.device("cpu"),
+                    text_of=lambda ids: texts[ids[0]])
+    attachment.standalone("free", router)
+    router.admit([("A", [1] * 5), ("B", [2] * 6)])
+
+    def ref(memory, name, acts):  # the transformers path's term (ResidualMemory.delta: a masked matmul)
+        d = memory.decide_masks(torch.zeros(1, K, dtype=torch.int64), memory.candidates([texts[1 if name == "A" else 2]]))
+        assert d.row.item() == (0 if name == "A" else 1)
+        return memory.delta(acts.unsqueeze(0), d.mask, d.shard)[0]
+
+    o1 = step(router, "free", [("A", 0, 5, 5, False), ("B", 0, 6, 6, False)], torch.cat([p["A"], p["B"]]), {"A", "B"})
+    assert router.plan.shards is None  # no shard plan: the term never loops over shards
+    assert torch.allclose(o1[:5], ref(mem, "A", p["A"]), atol=1e-5) and o1[:5].abs().sum() > 0
+    assert torch.allclose(o1[5:], ref(mem, "B", p["B"]), atol=1e-5) and o1[5:].abs().sum() > 0
+    new = mem.empty_like()  # the store's next version: the same edits, retrained weights
+    new.index, new.subjects = mem.index, mem.subjects
+    with torch.no_grad():
+        new.weight.normal_(0, 0.5)
+    router.swap(new)
+    nxt = torch.randn(2, D)
+    o2 = step(router, "free", [("A", 5, 1, 5, False), ("B", 6, 1, 6, False)], nxt, {"A", "B"})
+    assert torch.allclose(o2[:1], ref(mem, "A", nxt[:1]), atol=1e-5)  # routed before the swap: the old weights
+    assert torch.allclose(o2[1:], ref(mem, "B", nxt[1:]), atol=1e-5)
+    attachment.remove("free")

@@ -1,7 +1,8 @@
 """The memoir forward of the edited down-projection inside a vLLM model.
 
     out[t] = W_0 a[t]                                   if slot_row[slot(t)] < 0   (bit-identical base)
-    out[t] = W_0 a[t] + W_m[shard] (M_row ⊙ a[t])        otherwise
+    out[t] = W_0 a[t] + W_m[shard] (M_row ⊙ a[t])        otherwise (shared columns; free columns: the same
+                                                         sum over the edit's k columns alone, memory.column_term)
 
 The memory term runs as one opaque custom op (`torch.ops.memoir.memory_term`), so torch.compile
 and vLLM's graph capture treat it like attention: the graph around it is compiled, the op reads
@@ -21,6 +22,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from ..memory import column_term
 from ..tophash import Pooled
 from . import attachment
 from .routing import Router
@@ -47,11 +49,14 @@ def memory_term(a: torch.Tensor, out: torch.Tensor, name: str) -> None:
     if not plan.need_memory:
         return
     rows = router.slot_row[slot_x]  # [T]
-    mask, shard = router.slot_mask[slot_x], router.slot_shard[slot_x]
-    delta = router.memory.memory_term(a, mask, shard, present=plan.shards)  # [T, d_model]
-    for gen, memory in plan.old:  # requests routed before a swap (follow.py) finish with their memory
-        mine = (router.tok_gen[:t] == gen).unsqueeze(1)
-        delta = torch.where(mine, memory.memory_term(a, mask, shard), delta)
+    if router.slot_table is not None:  # free columns: each token reads its edit's k columns (one embedding bag)
+        delta = column_term(a, router.slot_cols[slot_x], router.slot_table, slot_x)  # [T, d_model]
+    else:
+        mask, shard = router.slot_mask[slot_x], router.slot_shard[slot_x]
+        delta = router.memory.memory_term(a, mask, shard, present=plan.shards)  # [T, d_model]
+        for gen, memory in plan.old:  # requests routed before a swap (follow.py) finish with their memory
+            mine = (router.tok_gen[:t] == gen).unsqueeze(1)
+            delta = torch.where(mine, memory.memory_term(a, mask, shard), delta)
     on = (rows >= 0) & router.tok_on[:t]  # [T] routed, and at or after its prompt's routing span (memory_start)
     out.copy_(torch.where(on.unsqueeze(1), out + delta.to(out.dtype), out))
 
@@ -70,6 +75,8 @@ def _decide(router: Router, a: torch.Tensor, n: int) -> None:
     router.slot_row[slots] = d.row
     router.slot_mask[slots] = d.mask.to(router.slot_mask.dtype)
     router.slot_shard[slots] = d.shard
+    if d.cols is not None:
+        router.keep_columns(slots, d.row, d.cols)
     router.acc[slots] = 0
 
 

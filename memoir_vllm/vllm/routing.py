@@ -39,7 +39,7 @@ from typing import Callable
 import numpy as np
 import torch
 
-from ..memory import MAX_CANDIDATES, ResidualMemory, candidate_rows
+from ..memory import MAX_CANDIDATES, ResidualMemory, candidate_rows, mask_columns
 
 log = logging.getLogger(__name__)
 
@@ -140,6 +140,11 @@ class Router:
         self.n_prompt = grown(getattr(self, "n_prompt", None), (n + 1,), 0.0, torch.float32)  # [S+1]
         self.slot_cand = grown(getattr(self, "slot_cand", None), (n + 1, MAX_CANDIDATES), NO_MEMORY,
                                torch.int64)  # [S+1, C] candidate rows (subject rule)
+        # free columns: each decided slot's edit columns and their weights (memory.column_term), [S+1, k(, d_model)]
+        free = self.memory.columns == "free"
+        k, d_model = self.memory.k, self.memory.d_model
+        self.slot_cols = grown(getattr(self, "slot_cols", None), (n + 1, k), 0, torch.int64) if free else None
+        self.slot_table = grown(getattr(self, "slot_table", None), (n + 1, k, d_model), 0.0, self.dtype) if free else None
         if old:
             self.slot_row[old:].fill_(NO_MEMORY)
         self.free = list(range(n - 1, old - 1, -1)) + getattr(self, "free", [])
@@ -201,10 +206,20 @@ class Router:
         self.slot_row[st.slot] = row
         if row >= 0:
             index = self.memory.index
-            self.slot_mask[st.slot] = index.masks(torch.tensor([row], device=index.packed.device))[0].to(self.slot_mask)
+            rows = torch.tensor([row], device=index.packed.device)
+            mask = index.masks(rows)  # [1, D]
+            self.slot_mask[st.slot] = mask[0].to(self.slot_mask)
             self.slot_shard[st.slot] = self._row_shard[row]
+            if self.slot_table is not None:
+                self.keep_columns(torch.tensor([st.slot], device=self.device), rows, mask_columns(mask, self.memory.k))
         else:
             self.slot_mask[st.slot].zero_()
+
+    def keep_columns(self, slots: torch.Tensor, rows: torch.Tensor, cols: torch.Tensor) -> None:
+        """Free columns: keep the decided rows' columns [n, k] and weights (memory.column_table) in the slots [n]
+        (inside a forward too: no host sync). A request routed before a swap keeps reading the weights it got."""
+        self.slot_cols[slots] = cols
+        self.slot_table[slots] = self.memory.column_table(rows, cols).to(self.slot_table.dtype)
 
     def clear_decisions(self) -> None:
         """Forget cached per-prompt decisions (after tau, edits or the snapshot changed)."""
@@ -218,6 +233,10 @@ class Router:
         dropped, and those requests get the base model."""
         old, self.memory = self.memory, memory
         self._row_shard = memory.index.shards.tolist()
+        table = (memory.k, memory.d_model) if memory.columns == "free" else None
+        if table != (None if self.slot_table is None else tuple(self.slot_table.shape[1:])):
+            self.slot_cols = self.slot_table = None  # other column settings: the per-slot weights are made anew
+            self._grow(self.n_slots, memory.d_inner)  # (requests routed before keep no weights: base model)
         appended = memory.n_edits >= old.n_edits and memory.d_inner == old.d_inner
         keep_old = False
         for st in self.states.values():
@@ -275,7 +294,8 @@ class Router:
         new_cands: list[tuple[int, list[tuple[int, float | None]]]] = []  # (slot, candidates) of new requests
         need_memory = False
         subject_rule = self.memory.rule == "subject"
-        present: set[int] | None = set() if self.memory.n_shards > 1 and subject_rule else None
+        shared = self.memory.columns != "free"  # free columns: the term reads per-slot weights, no shard matmul
+        present: set[int] | None = set() if self.memory.n_shards > 1 and subject_rule and shared else None
         gens = np.full(n, self.gen, dtype=np.int64)  # [R] memory generation of each request
         for i, rid in enumerate(req_ids):
             st = self.states.get(rid)
