@@ -199,7 +199,7 @@ def run_engine(snapshot: str | None, prompts: list[str], batches: list[int], max
                        "paired_ttft_ratio": statistics.median(a[1] / o[1] for a, o in zip(on, off))}
     if snapshot:
         out["memoir_info"] = llm.collective_rpc("memoir_info")[0]
-    out["prefix_cache_hit_rate"] = prefix_hit_rate(llm)
+    out["prefix_cache_hit_rate"] = prefix_hit_rate(llm) if prefix_caching else None  # stats are on with caching
     return out
 
 
