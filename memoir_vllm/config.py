@@ -92,16 +92,17 @@ class MemoirConfig:
                                "routing (undo: memoir snapshot disable --enable ID); --no-supersede keeps both")
     supersede_tau: float = _setting(0.7, "encoder cosine from which two edits of one subject ask the same question "
                                     "(with answer_type, also the same kind of answer)")
-    prompt_format: str = _setting("raw", "how edits are written and prompts routed: chat (the edit is trained as a "
+    prompt_format: str = _setting("auto", "how edits are written and prompts routed: chat (the edit is trained as a "
                                   "user message in the tokenizer's chat template with the target as the assistant's "
-                                  "answer, plus the raw row; every prompt routes from its last user message's content), "
-                                  "raw (the default and the reference: prompt text as is, routed from all its tokens) or auto "
-                                  "(chat when the tokenizer has a chat template; not yet measured, see #22)",
+                                  "answer, plus raw rows (chat_raw_rows); every prompt routes from its last user "
+                                  "message's content), raw (the reference: prompt text as is, routed from all its "
+                                  "tokens) or auto (the default: chat when the tokenizer has a chat template, else raw)",
                                   PROMPT_FORMATS)
-    chat_raw_rows: str = _setting("plain", "the raw rows a chat-format edit trains beside its chat rows: plain (the "
-                                  "prompt alone) or templated (the prompt and its context-template rows, as the raw "
-                                  "format trains them, for completions of the raw prompt; 2x the rows)",
-                                  ("plain", "templated"))
+    chat_raw_rows: str = _setting("templated", "the raw rows a chat-format edit trains beside its chat rows: templated "
+                                  "(the default: the prompt and its context-template rows, as the raw format trains "
+                                  "them, so one store answers chat requests and completions of the raw prompt; 2x the "
+                                  "rows) or plain (the prompt alone: chat paraphrases .933 against .833, completions "
+                                  ".500 against .900)", ("plain", "templated"))
     mask_key: str = _setting("subject", "under the subject rule, relabel each edit's TopHash mask by a key drawn "
                              "from its subject, so edits of one relation about different subjects train nearly "
                              "disjoint columns of W_m (routing decisions are unchanged: overlaps within a subject "
@@ -196,7 +197,7 @@ class MemoirConfig:
         # stored before a setting existed: what ran then (the coupled decay, the mask-only routing, raw prompts)
         return cls(**{"decay": "coupled", "routing": "mask", "subject_check": "none", "supersede": False,
                       "prompt_format": "raw", "answer_end": "none", "memory_start": "all", "mask_key": "none",
-                      "answer_type": False, "columns": "shared", **d})
+                      "answer_type": False, "columns": "shared", "chat_raw_rows": "plain", **d})
 
 
 # Named presets. "reference" is the paper's Llama-3-8B setting; per-model presets are measured

@@ -79,7 +79,7 @@ def synth_snapshot(out: Path, n_edits: int, match: list[tuple[str, str]], tau: f
     n_layers, d_model, d_inner = model_dims(model)
     chat = memory_start is not None
     cfg = default_config(model.config.model_type, n_layers, d_inner, tau=tau, routing=routing, memory_start=memory_start,
-                         prompt_format="chat" if chat else None).resolved(n_layers, d_inner)
+                         prompt_format="chat" if chat else "raw").resolved(n_layers, d_inner)
     from memoir_vllm.chat import chat_marks
 
     memory = empty_memory(d_model, d_inner, cfg, n_shards=n_shards, marks=chat_marks(tok) if chat else None)

@@ -1,4 +1,4 @@
-"""The chat form (#22, prompt_format="chat"; the default stays "raw" until it is measured): the marks a chat
+"""The chat form (#22, prompt_format="chat", what "auto", the default, picks for a chat model): the marks a chat
 template puts around a user message, and the routing span, the last user message's content."""
 import pytest
 

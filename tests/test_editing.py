@@ -94,7 +94,7 @@ def test_disabled_edit_routes_to_base_model(edited, tmp_path):
 
 
 def test_fast_editor_follows_the_reference_loss_within_1e4(default_model_dir, zsre_records):
-    m = Memoir.create("default", n_iter=6, stop_rule="reference")
+    m = Memoir.create("default", n_iter=6, stop_rule="reference", retries=0)  # six steps each, no retry
     r = zsre_records[1]
     trajectories = {}
     for fast in (False, True):
@@ -129,10 +129,10 @@ def test_early_stop_rules():
 def test_a_failed_edit_is_trained_again_from_its_state_before_at_half_the_lr():
     # lr 1e4 is far past the edge of stability: three steps end above half the first loss, so the edit is
     # retried from the memory as it was before it (the same first loss) at lr 5e3, which converges enough
-    m = Memoir.create("default", n_iter=3, lr=1e4, retries=2)
+    m = Memoir.create("default", n_iter=3, lr=1e4, retries=2, prompt_format="raw")  # the golden: raw rows
     losses = m.editor.edit("What is the capital city of Norway?", "Bergen").losses
     assert len(losses) == 6 and losses[3] == pytest.approx(losses[0], abs=1e-6)
     assert losses[2] > 0.5 * losses[0] and losses[5] < 0.5 * losses[0]
     assert losses == pytest.approx([3.754, 3.578, 4.558, 3.754, 4.374, 1.227], abs=2e-3)
-    once = Memoir.create("default", n_iter=3, lr=1e4, retries=0)  # the reference: the failed edit is kept
+    once = Memoir.create("default", n_iter=3, lr=1e4, retries=0, prompt_format="raw")  # the failed edit is kept
     assert once.editor.edit("What is the capital city of Norway?", "Bergen").losses == pytest.approx(losses[:3], abs=1e-5)

@@ -43,7 +43,7 @@ def test_batched_left_padded_generate_routes_each_row_like_memoir_ask(edited, ex
     assert (batch.attention_mask == 0).any()  # rows of different lengths: the routing must skip the padding
     out = model.generate(**batch, max_new_tokens=8, do_sample=False)
     got = [tok.decode(row, skip_special_tokens=True) for row in out[:, batch.input_ids.shape[1]:]]
-    want = m.ask(prompts, max_new_tokens=8)
+    want = m.ask(prompts, max_new_tokens=8, chat=False)  # completions of the raw prompts, as generate() does
     assert got == [a.answer for a in want]
     ratio = model.memoir_router.layer.routing.ratio.tolist()  # each row's mask overlap, from its own tokens only
     assert ratio == pytest.approx([a.overlap for a in want], abs=1e-4)
