@@ -77,7 +77,6 @@ def bench_serving(layer: MemoirLayer, batch: int, tokens: int, repeats: int, dev
     router = Router(mem, max_reqs=batch, max_tokens=batch * tokens, dtype=dtype, device=device)
     name = f"bench.{id(router)}"
     attachment.standalone(name, router)
-    d_model = mem.d_model
     prefill_a = torch.randn(batch * tokens, mem.d_inner, dtype=dtype, device=device)
     decode_a = prefill_a[:batch].clone()
     ones = np.ones(batch, dtype=np.int64)
