@@ -70,7 +70,8 @@ def served(default_model_dir, tmp_path_factory):
     from test_vllm_serving import _env
 
     tmp = tmp_path_factory.mktemp("live")
-    m = Memoir.create("default", prompt_format="chat")
+    m = Memoir.create("default")  # a chat model: the chat form and the raw rows, by default (prompt_format auto)
+    assert (m.cfg.prompt_format, m.cfg.chat_raw_rows) == ("chat", "templated")
     m.edit(*FIRST, subject="Australia")
     store = m.save(tmp / "store").parent
     srv = ServerProcess(store, ["--max-model-len", "256", "--max-num-seqs", "4", "--block-size", "32", "--api-key", KEY],
