@@ -144,9 +144,11 @@ class MemoirConfig:
                               STOP_RULES)
     n_templates: int = _setting(10, "augmented context-template rows (the reference uses 10)")
     template_decoding: str = _setting("greedy", "how the context templates are generated, once per memory (stored "
-                                      "in its snapshot): greedy from the seed words, or model (the reference: under "
+                                      "in its snapshot): greedy from the seed words, model (the reference: under "
                                       "the model's own generation config, seeded by --seed; greedy where that "
-                                      "config does not sample)", ("greedy", "model"))
+                                      "config does not sample), or sample (temperature 1, top 50 tokens, seeded: "
+                                      "fluent prefixes on a model whose config does not sample; not yet measured)",
+                                      ("greedy", "model", "sample"))
     # cache the frozen prefix and run only the blocks after the edited one: the same loss as the
     # reference full forward within 1e-4, ~4x faster; fast=False is the reference computation
     fast: bool = _setting(True, "cached-prefix editing (same loss within 1e-4, ~4x faster); --no-fast is the "

@@ -25,7 +25,8 @@ log = logging.getLogger(__name__)
 
 TEMPLATE_SEEDS = ("I", "You", "Because", "Yes", "Q: ")
 TEMPLATE_LENGTHS = (5, 10)  # new tokens; one template per seed and length -> 10 templates
-TEMPLATE_DECODINGS = ("greedy", "model")
+TEMPLATE_DECODINGS = ("greedy", "model", "sample")
+SAMPLE_DECODING = dict(do_sample=True, temperature=1.0, top_k=50)  # "sample": plain sampling, whatever the config
 
 
 @torch.no_grad()
@@ -34,7 +35,9 @@ def generate_templates(model, tok, n_templates: int = 10, decoding: str = "greed
 
     decoding "greedy": greedy from the seeds; "model" (the reference): under the model's own generation config
     (sampling where it samples, e.g. Llama-3-8B-Instruct's temperature 0.6, top_p 0.9), seeded by `seed` so a
-    memory's templates are reproducible; greedy where the config does not sample (SmolLM2's).
+    memory's templates are reproducible; greedy where the config does not sample (SmolLM2's); "sample": sampled
+    at temperature 1 from the 50 likeliest tokens whatever the config, seeded (more fluent than greedy on a model
+    whose config does not sample: on SmolLM2, seed 0, "I was watching a YouTube video" for greedy's "I-1000").
     """
     if decoding not in TEMPLATE_DECODINGS:
         raise ValueError(f"template decoding {decoding!r}: use {' or '.join(TEMPLATE_DECODINGS)}")
@@ -42,7 +45,8 @@ def generate_templates(model, tok, n_templates: int = 10, decoding: str = "greed
     for i, length in enumerate(TEMPLATE_LENGTHS):
         b = encode_prompts(tok, list(TEMPLATE_SEEDS)).to(model.device)
         ids, attn = b.input_ids, b.attention_mask
-        how = {"do_sample": False} if decoding == "greedy" else {"generation_config": model.generation_config}
+        how = {"greedy": {"do_sample": False}, "model": {"generation_config": model.generation_config},
+               "sample": SAMPLE_DECODING}[decoding]
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(seed + i)
             out = model.generate(input_ids=ids, attention_mask=attn, max_new_tokens=length, min_new_tokens=length,

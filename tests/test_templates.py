@@ -22,5 +22,7 @@ def test_templates_follow_the_models_generation_config_seeded(tiny_model_dir):
     finally:
         model.generation_config.do_sample = False
     assert preset("reference").template_decoding == "model"
+    sampled = generate_templates(model, tok, decoding="sample", seed=1)  # whatever the config says, seeded
+    assert sampled == generate_templates(model, tok, decoding="sample", seed=1) != greedy
     with pytest.raises(ValueError, match="template decoding 'beam'"):
         generate_templates(model, tok, decoding="beam")
