@@ -252,6 +252,7 @@ def test_free_columns_each_token_reads_its_own_edits_columns_whatever_the_shards
     with torch.no_grad():
         new.weight.normal_(0, 0.5)
     router.swap(new)
+    assert router.old_memories == {}  # nothing to keep: the routed slots hold their own weights
     nxt = torch.randn(2, D)
     o2 = step(router, "free", [("A", 5, 1, 5, False), ("B", 6, 1, 6, False)], nxt, {"A", "B"})
     assert torch.allclose(o2[:1], ref(mem, "A", nxt[:1]), atol=1e-5)  # routed before the swap: the old weights

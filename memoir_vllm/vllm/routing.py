@@ -246,8 +246,8 @@ class Router:
                 st.gen = self.gen + 1
                 if not appended:
                     self.slot_cand[st.slot] = NO_MEMORY
-        if keep_old:
-            self.old_memories[self.gen] = old
+        if keep_old and self.slot_table is None:  # free columns: routed slots already hold their weights,
+            self.old_memories[self.gen] = old     # so the old memory (W_m of every shard) is not kept alive
         self.gen += 1
         self.clear_decisions()
 
