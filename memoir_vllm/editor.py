@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import math
 import time
 from dataclasses import dataclass, field
 from typing import Iterator
@@ -111,6 +112,12 @@ def converged(losses: list[float], cfg: MemoirConfig) -> bool:
     return len(losses) >= 2 and abs(losses[-1] - losses[-2]) <= cfg.stop_delta
 
 
+def end_loss(step_fn) -> float:
+    """The loss of an edit's rows after its last step (one forward, no gradient)."""
+    with torch.no_grad():
+        return step_fn().item()
+
+
 def failed(losses: list[float]) -> bool:
     """Whether an edit's steps left its loss above half the first loss (diverged or stalled): worth a retry."""
     return len(losses) > 1 and losses[-1] > 0.5 * losses[0]
@@ -189,16 +196,25 @@ class SequentialEditor:
             lr = self.cfg.lr
             losses = self._train(w, step_fn, lr)
             result.losses += losses
+            best_loss, best_w = math.inf, None  # the failed attempt that ended lowest, should all fail
             for _ in range(self.cfg.retries):
                 if not failed(losses):
                     break
+                end = end_loss(step_fn)
+                if end < best_loss:
+                    best_loss, best_w = end, w.detach().clone()
                 lr /= 2
-                log.info("edit of %r ended at loss %.3f (first %.3f): again at lr %g", prompt[:60], losses[-1],
+                log.info("edit of %r ended at loss %.3f (first %.3f): again at lr %g", prompt[:60], end,
                          losses[0], lr)
                 with torch.no_grad():
                     w.copy_(before)
                 losses = self._train(w, step_fn, lr)
                 result.losses += losses
+            if best_w is not None and failed(losses) and end_loss(step_fn) > best_loss:
+                log.info("every attempt at %r failed: keeping the one that ended at loss %.3f", prompt[:60],
+                         best_loss)
+                with torch.no_grad():
+                    w.copy_(best_w)
         result.edit_id = self.memory.add_edit(mask_idx, edit_id=edit_id, shard=shard, key=key)
         result.seconds = time.perf_counter() - t0
         return result

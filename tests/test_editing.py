@@ -136,3 +136,12 @@ def test_a_failed_edit_is_trained_again_from_its_state_before_at_half_the_lr():
     assert losses == pytest.approx([3.754, 3.578, 4.558, 3.754, 4.374, 1.227], abs=2e-3)
     once = Memoir.create("default", n_iter=3, lr=1e4, retries=0, prompt_format="raw")  # the failed edit is kept
     assert once.editor.edit("What is the capital city of Norway?", "Bergen").losses == pytest.approx(losses[:3], abs=1e-5)
+
+
+def test_when_every_attempt_fails_the_edit_keeps_the_one_that_ended_lowest():
+    # lr 5e4, two steps: the first attempt ends at loss 7.92, its retry at lr 2.5e4 at 8.75 (both above half the
+    # first loss): the memory keeps the first attempt's weights, not the last's
+    runs = {r: Memoir.create("default", n_iter=2, lr=5e4, retries=r, prompt_format="raw") for r in (0, 1)}
+    for m in runs.values():
+        m.editor.edit("What is the capital city of Norway?", "Bergen")
+    assert torch.equal(runs[1].memory.weight, runs[0].memory.weight)
