@@ -23,7 +23,7 @@ from lm_eval.models.huggingface import HFLM
 from tqdm.auto import tqdm
 
 from memoir_vllm.hf import routed
-from memoir_vllm.inference import score
+from memoir_vllm.inference import answer_processors, score
 from memoir_vllm.tokens import pair_ids
 
 log = logging.getLogger(__name__)
@@ -124,6 +124,8 @@ class MemoirLM(HFLM):
     def _model_generate(self, context, max_length: int, stop: list[str], **generation_kwargs):
         attn = generation_kwargs.get("attention_mask")
         mask = attn.bool() if attn is not None else context != self.tokenizer.pad_token_id
+        if self.use_memory:  # a routed answer's first token is no end token (nonempty_answers), as memoir ask
+            generation_kwargs["logits_processor"] = answer_processors(self.memoir.layer, context.shape[1])
         with routed(self.memoir.layer, mask if self.use_memory else None, self._candidates(context)):
             return super()._model_generate(context, max_length, stop, **generation_kwargs)
 

@@ -115,6 +115,10 @@ class MemoirConfig:
     answer_end: str = _setting("period_eos", "what an edit trains after its target so greedy answers stop: "
                                "period_eos ('.' and end-of-text), eos, newline, or none (the reference: the target "
                                "alone, answers then tend to repeat it)", ("period_eos", "eos", "newline", "none"))
+    nonempty_answers: bool = _setting(True, "a routed request's first generated token is never an end token "
+                                      "(end-of-text, the chat end of turn): an edit whose memory would end the "
+                                      "answer before it starts (a paraphrase that reads like a finished answer) "
+                                      "answers instead; False: the reference, any first token")
     shard_budget: int = _setting(0, "edits per W_m: when the newest shard holds this many edits, the next edit opens "
                                  "a new zero W_m, and full shards are never trained or shrunk again (more memory, "
                                  "less interference between old and new edits); 0: every edit in one W_m (the "
@@ -199,7 +203,8 @@ class MemoirConfig:
         # stored before a setting existed: what ran then (the coupled decay, the mask-only routing, raw prompts)
         return cls(**{"decay": "coupled", "routing": "mask", "subject_check": "none", "supersede": False,
                       "prompt_format": "raw", "answer_end": "none", "memory_start": "all", "mask_key": "none",
-                      "answer_type": False, "columns": "shared", "chat_raw_rows": "plain", **d})
+                      "answer_type": False, "columns": "shared", "chat_raw_rows": "plain", "nonempty_answers": False,
+                      **d})
 
 
 # Named presets. "reference" is the paper's Llama-3-8B setting; per-model presets are measured
@@ -208,7 +213,7 @@ PRESETS: dict[str, dict[str, Any]] = {
     "reference": dict(tau=0.4, lr=1.0, n_iter=30, optimizer="sgd", grad_clip=1.0, fast=False, weight_decay=1e-5,
                       decay="coupled", routing="mask", supersede=False, prompt_format="raw", answer_end="none",
                       memory_start="all", mask_key="none", answer_type=False, columns="shared",
-                      template_decoding="model"),
+                      template_decoding="model", nonempty_answers=False),
     "llama3-8b": dict(layer=27, k=4096, tau=0.4, lr=1.0, n_iter=30),
     "gptj-6b": dict(layer=21, k=4096, tau=0.4, lr=1.0, n_iter=70),
     # SmolLM2-135M (30 blocks, D=1536), measured: see docs/defaults.md. Free columns of 64 (24 edits per W_m)

@@ -25,7 +25,10 @@ from typing import Any
 
 import torch
 
+from transformers import LogitsProcessorList
+
 from .hf import MemoirLayer, attach, detach
+from .inference import answer_processors
 from .memory import candidate_rows
 from .models import config_identity
 from .snapshot import LATEST, check_model, load_snapshot, resolve_version
@@ -58,6 +61,10 @@ class {cls}(_Base):
             router.before_forward(input_ids, attention_mask, past_key_values)
         return super().forward(input_ids=input_ids, attention_mask=attention_mask, past_key_values=past_key_values,
                                **kwargs)
+
+    def generate(self, *args, **kwargs):
+        router = getattr(self, "memoir_router", None)
+        return super().generate(*args, **(router.generate_kwargs(args, kwargs) if router is not None else kwargs))
 '''
 
 
@@ -95,6 +102,16 @@ class ExportRouter:
         self.layer.prompt_mask = rmask.to(device)
         self.layer.candidates = cands.to(memory.perm.device) if cands is not None else None
         self.layer.routing = None  # decided at this forward, from the rows' routing tokens
+
+    def generate_kwargs(self, args: tuple, kwargs: dict[str, Any]) -> dict[str, Any]:
+        """generate()'s keyword arguments plus the memory's answer processors (a routed answer's first token is
+        no end token: config.nonempty_answers), as `memoir ask` generates."""
+        ids = kwargs.get("input_ids", args[0] if args else None)
+        if not isinstance(ids, torch.Tensor) or not self.layer.memory.end_ids:
+            return kwargs
+        procs = LogitsProcessorList(kwargs.get("logits_processor") or [])
+        procs.extend(answer_processors(self.layer, ids.shape[1]))
+        return {**kwargs, "logits_processor": procs}
 
 
 def _is_fresh(past: Any) -> bool:

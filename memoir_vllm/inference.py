@@ -4,6 +4,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
+from transformers import LogitsProcessorList
 
 from .hf import MemoirLayer, Routing, routed
 from .tokens import encode_pairs, encode_prompts
@@ -26,6 +27,35 @@ def span_texts(tok, input_ids: torch.Tensor, route_mask: torch.Tensor, prompts: 
     if memory.marks is None:
         return prompts
     return [tok.decode(row[m].tolist(), skip_special_tokens=True) for row, m in zip(input_ids, route_mask)]
+
+
+def block_end_tokens(logits: torch.Tensor, rows: torch.Tensor, end_ids: tuple[int, ...]) -> torch.Tensor:
+    """logits [B, V] with the end tokens at -inf in the rows where rows [B] bool is True (no host sync): what
+    config.nonempty_answers does to a routed request's first generated token, in both serving paths."""
+    if not end_ids:
+        return logits
+    ends = torch.tensor(end_ids, dtype=torch.int64, device=logits.device)
+    blocked = torch.where(rows.view(-1, 1), torch.full_like(logits[:, ends], float("-inf")), logits[:, ends])
+    return logits.index_copy(1, ends, blocked)
+
+
+class NonemptyAnswers:
+    """transformers logits processor: at the first generated token, block_end_tokens for the routed rows."""
+
+    def __init__(self, layer: MemoirLayer, prompt_len: int) -> None:
+        self.layer, self.prompt_len = layer, prompt_len
+
+    def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
+        routing = self.layer.routing
+        if input_ids.shape[1] != self.prompt_len or routing is None:
+            return scores
+        return block_end_tokens(scores, routing.row.to(scores.device) >= 0, self.layer.memory.end_ids)
+
+
+def answer_processors(layer: MemoirLayer, prompt_len: int) -> LogitsProcessorList:
+    """The logits processors of a routed generate() over prompts padded to prompt_len: NonemptyAnswers when the
+    memory keeps end tokens from a routed answer's start (config.nonempty_answers), else none."""
+    return LogitsProcessorList([NonemptyAnswers(layer, prompt_len)] if layer.memory.end_ids else [])
 
 
 def _max_length(model) -> int | None:
@@ -82,6 +112,8 @@ def generate(
     else:
         if use_memory and candidates is None:
             candidates = layer.memory.candidates(span_texts(tok, ids, b.route_mask, prompts, layer.memory))
+        if use_memory:
+            kw["logits_processor"] = answer_processors(layer, ids.shape[1])
         with routed(layer, b.route_mask if use_memory else None, candidates if use_memory else None):
             out = model.generate(**kw)
             routing = layer.routing

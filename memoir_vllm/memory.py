@@ -142,6 +142,8 @@ class ResidualMemory(nn.Module):
         memory_start: "content": a routed request gets the memory term from its routing span's first token on
             (memory_from, starts_at_content), so the tokens before it (a system prompt, the template header) are the base model's;
             "all": at every token (the reference). The same for raw prompts.
+        end_ids: the tokens that end an answer (tokens.end_token_ids), which a routed request's first generated
+            token may not be (config.nonempty_answers); empty: any first token (the reference).
     """
 
     def __init__(
@@ -163,6 +165,7 @@ class ResidualMemory(nn.Module):
         mask_key: str = "none",
         answer_type: bool = False,
         columns: str = "shared",
+        end_ids: tuple[int, ...] = (),
     ) -> None:
         super().__init__()
         if k > d_inner:
@@ -185,6 +188,7 @@ class ResidualMemory(nn.Module):
         if columns == "free" and rule != "subject":
             raise ValueError("columns='free' needs the subject rule (rule='subject'): free columns are no routing key")
         self.columns = columns
+        self.end_ids = tuple(int(t) for t in end_ids)
         self.weight = nn.Parameter(torch.zeros(n_shards, d_model, d_inner, dtype=dtype))  # [S, d_model, D]
         self._trained: tuple[int, nn.Parameter] | None = None  # (shard, its trainable copy) while an edit trains
         self.register_buffer("perm", make_permutation(d_inner, seed))  # [D]
@@ -485,19 +489,22 @@ class ResidualMemory(nn.Module):
                                n_shards=self.n_shards if n_shards is None else n_shards, dtype=self.weight.dtype,
                                rule=self.rule, subject_tau=self.subject_tau, subject_check=self.subject_check,
                                check_tau=self.check_tau, answer_type=self.answer_type, marks=self.marks,
-                               memory_start=self.memory_start, mask_key=self.mask_key, columns=self.columns)
+                               memory_start=self.memory_start, mask_key=self.mask_key, columns=self.columns,
+                               end_ids=self.end_ids)
         fresh.background.copy_(self.background)
         return fresh.to(self.perm.device)
 
 
 def empty_memory(d_model: int, d_inner: int, cfg, n_shards: int = 1, dtype: torch.dtype = torch.float32,
-                 marks: ChatMarks | None = None) -> ResidualMemory:
+                 marks: ChatMarks | None = None, end_ids: tuple[int, ...] = ()) -> ResidualMemory:
     """A fresh, zero memory for a resolved MemoirConfig (layer and k set); the one constructor callers use.
-    marks: the tokenizer's chat marks, required when cfg.prompt_format is "chat"."""
+    marks: the tokenizer's chat marks, required when cfg.prompt_format is "chat"; end_ids: the tokenizer's
+    tokens.end_token_ids, kept when cfg.nonempty_answers."""
     if cfg.prompt_format == "chat" and marks is None:
         raise ValueError("prompt_format='chat' needs the tokenizer's chat marks (chat.chat_marks(tok))")
     return ResidualMemory(d_model, d_inner, cfg.k, cfg.tau, cfg.seed, cfg.feature, n_shards=n_shards, dtype=dtype,
                           rule=cfg.routing, subject_tau=cfg.subject_tau, subject_check=cfg.subject_check,
                           check_tau=cfg.check_tau, answer_type=cfg.answer_type,
                           marks=marks if cfg.prompt_format == "chat" else None, memory_start=cfg.memory_start,
-                          mask_key=cfg.mask_key, columns=cfg.columns)
+                          mask_key=cfg.mask_key, columns=cfg.columns,
+                          end_ids=end_ids if cfg.nonempty_answers else ())

@@ -30,6 +30,7 @@ from .models import load_model, model_identity, resolve_model_dir
 from .snapshot import Snapshot, check_model, load_snapshot, save_snapshot
 from .state import EditRecord, MemoryState
 from .subjects import as_aliases, auto_subject, normalize
+from .tokens import end_token_ids
 
 log = logging.getLogger(__name__)
 
@@ -112,7 +113,8 @@ class Memoir:
         n_layers, d_model, d_inner = model_dims(hf_model)
         cfg = default_config(hf_model.config.model_type, n_layers, d_inner, **settings).resolved(n_layers, d_inner)
         cfg = resolve_prompt_format(cfg, tok)
-        memory = empty_memory(d_model, d_inner, cfg, marks=chat_marks(tok) if cfg.prompt_format == "chat" else None)
+        memory = empty_memory(d_model, d_inner, cfg, marks=chat_marks(tok) if cfg.prompt_format == "chat" else None,
+                              end_ids=end_token_ids(tok))
         layer = attach(hf_model, memory, cfg.layer)
         texts = (background or builtin_background())[: cfg.n_background]
         memory.background.copy_(compute_background(hf_model, tok, layer, texts))

@@ -175,6 +175,7 @@ def _save_locked(root: Path, state: MemoryState, keep: int, extra: dict[str, Any
             "routing": {"rule": memory.rule, "subject_tau": memory.subject_tau, "subject_check": memory.subject_check,
                         "check_tau": memory.check_tau, "answer_type": memory.answer_type},
             "chat_marks": memory.marks.to_dict() if memory.marks is not None else None,
+            "end_ids": list(memory.end_ids),
             "n_shards": memory.n_shards,
             "shard_fill": memory.shard_fill(),  # edits per shard
             "n_edits": memory.n_edits,
@@ -258,6 +259,7 @@ def load_snapshot(path: str | Path, verify: bool = True) -> Snapshot:
         rule=config.routing, subject_tau=config.subject_tau, subject_check=config.subject_check,
         check_tau=config.check_tau, answer_type=config.answer_type, marks=ChatMarks.from_dict(manifest.get("chat_marks")),
         memory_start=config.memory_start, mask_key=config.mask_key, columns=config.columns,
+        end_ids=tuple(manifest.get("end_ids") or ()),
     )
     with torch.no_grad():
         memory.weight.copy_(tensors["weight"])
@@ -301,7 +303,7 @@ def snapshot_info(path: str | Path) -> dict[str, Any]:
     m = json.loads((d / MANIFEST).read_text())
     root = d.parent if (d.parent / LATEST).exists() else None
     keys = ("version", "parent", "created", "model", "module", "layer", "d_model", "d_inner", "k", "seed", "tau",
-            "feature", "routing", "chat_marks", "n_shards", "shard_fill", "n_edits", "n_active")
+            "feature", "routing", "chat_marks", "end_ids", "n_shards", "shard_fill", "n_edits", "n_active")
     info = {k: m.get(k) for k in keys}
     info["shard_budget"] = m["config"].get("shard_budget", 0)
     info["path"] = str(d)

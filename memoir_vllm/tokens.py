@@ -71,6 +71,18 @@ def answer_end_ids(tok, target: str, end: str, marks: ChatMarks | None = None, c
     return period + eos
 
 
+def end_token_ids(tok) -> tuple[int, ...]:
+    """The tokens that can end an answer: end-of-text, and the chat template's end of turn where there is one
+    (what config.nonempty_answers keeps from being a routed request's first generated token)."""
+    from .chat import chat_marks, has_chat_template
+
+    ends = {tok.eos_token_id} if tok.eos_token_id is not None else set()
+    marks = chat_marks(tok) if has_chat_template(tok) else None
+    if marks is not None and marks.close:
+        ends.add(marks.close[0])
+    return tuple(sorted(ends))
+
+
 def pair_ids(tok, prompt: str, target: str, end: str = "none", chat: bool = False,
              marks: ChatMarks | None = None) -> tuple[list[int], int]:
     """Token ids of 'prompt target' (then the answer's end, see answer_end_ids) and the prompt's length.

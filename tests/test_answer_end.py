@@ -32,3 +32,32 @@ def test_answer_end_tokens_follow_the_target_in_training_rows_only(default_model
     assert int(b.target_mask.sum()) == len(plain) - n + len(period) + 1  # the end is trained like the target
     with pytest.raises(ValueError, match="answer_end 'tab'"):
         answer_end_ids(tok, "Rome", "tab")
+
+
+@pytest.mark.model
+def test_a_routed_answer_never_ends_before_it_starts(default_model_dir, tmp_path):
+    import torch
+
+    from memoir_eval.synthetic import make_edits
+    from memoir_vllm.inference import block_end_tokens
+    from memoir_vllm.session import Memoir
+
+    # the edit's rows end with "." and end-of-text; its raw paraphrase reads to the memory like a finished
+    # answer: with any first token allowed the routed answer is empty, with nonempty_answers (the default) the
+    # end token is blocked at the first step and the target comes out
+    f = make_edits(30, 0)[14]
+    m = Memoir.create("default", prompt_format="raw")
+    m.edit(f["prompt"], f["target"], subject=f["subject"])
+    assert m.memory.end_ids == (m.tok.eos_token_id,)  # SmolLM2's end-of-text is its end of turn too
+    answer = m.ask([f["rephrase"]])[0]
+    assert (f["rephrase"], answer.edit_id, answer.answer) == ("Who leads Jiaseindonia as head of state?", 0,
+                                                              " Pujeith Bristigrus.")
+    ends, m.memory.end_ids = m.memory.end_ids, ()
+    assert m.ask([f["rephrase"]])[0].answer == ""
+    m.memory.end_ids = ends
+    m.save(tmp_path / "store")
+    assert Memoir.from_snapshot(tmp_path / "store").memory.end_ids == ends  # kept in the snapshot
+    assert Memoir.create("default", nonempty_answers=False).memory.end_ids == ()  # and the reference preset's
+    logits = torch.zeros(2, 4)
+    assert block_end_tokens(logits, torch.tensor([True, False]), (1, 3)).tolist() == [
+        [0, float("-inf"), 0, float("-inf")], [0, 0, 0, 0]]

@@ -38,6 +38,9 @@ def test_batched_left_padded_generate_routes_each_row_like_memoir_ask(edited, ex
     prompts = [r.prompt for r in reqs] + [r.rephrase for r in reqs if r.rephrase]
     prompts += ["The Colosseum is located in the city of", "Who wrote the novel Dracula?"]  # unrelated: no edit
     model = AutoModelForCausalLM.from_pretrained(exported, trust_remote_code=True)
+    processors = []  # generate() adds the memory's answer processors (nonempty_answers), as memoir ask does
+    add = model.memoir_router.generate_kwargs
+    model.memoir_router.generate_kwargs = lambda a, kw: processors.append(add(a, kw)["logits_processor"]) or add(a, kw)
     tok = AutoTokenizer.from_pretrained(exported, padding_side="left")
     batch = tok(prompts, return_tensors="pt", padding=True)
     assert (batch.attention_mask == 0).any()  # rows of different lengths: the routing must skip the padding
@@ -45,6 +48,7 @@ def test_batched_left_padded_generate_routes_each_row_like_memoir_ask(edited, ex
     got = [tok.decode(row, skip_special_tokens=True) for row in out[:, batch.input_ids.shape[1]:]]
     want = m.ask(prompts, max_new_tokens=8, chat=False)  # completions of the raw prompts, as generate() does
     assert got == [a.answer for a in want]
+    assert [type(p).__name__ for p in processors[0]] == ["NonemptyAnswers"]
     ratio = model.memoir_router.layer.routing.ratio.tolist()  # each row's mask overlap, from its own tokens only
     assert ratio == pytest.approx([a.overlap for a in want], abs=1e-4)
     assert sum(a.edit_id is not None for a in want) >= len(reqs)  # the edits fire: not a comparison of base answers

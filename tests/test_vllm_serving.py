@@ -71,15 +71,17 @@ def served(default_model_dir, tmp_path_factory):
 def hf_tokens(m, prompts: list[str], max_tokens: list[int], use_memory: bool = True) -> list[list[int]]:
     """Greedy token ids from the transformers path, one prompt at a time (no padding), EOS dropped."""
     from memoir_vllm.hf import routed
+    from memoir_vllm.inference import answer_processors
 
     eos = m.tok.eos_token_id
     out = []
     for p, n in zip(prompts, max_tokens):
         ids = m.tok(p, return_tensors="pt")["input_ids"]
+        kw = {"logits_processor": answer_processors(m.layer, ids.shape[1])} if use_memory else {}
         with torch.no_grad(), routed(m.layer, torch.ones_like(ids, dtype=torch.bool) if use_memory else None,
                                      m.memory.candidates([p])):
             gen = m.model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=n,
-                                   do_sample=False, pad_token_id=m.tok.pad_token_id)[0, ids.shape[1]:].tolist()
+                                   do_sample=False, pad_token_id=m.tok.pad_token_id, **kw)[0, ids.shape[1]:].tolist()
         out.append(_strip(gen, eos))
     return out
 
@@ -211,7 +213,9 @@ def test_engine_without_snapshot_is_the_base_model_then_serves_a_last_token_snap
     """The plugin is installed (entry point) but no snapshot is named: vLLM's own tokens. Then a
     feature="last" snapshot is attached at runtime: routed on the prompt's last token, as `memoir ask` does.
     Then newest correction wins: Rome, Berlin (rephrased), Madrid (first phrasing again): every phrasing
-    routes to the Madrid edit, in both paths."""
+    routes to the Madrid edit, in both paths. Then a routed answer that its memory would end before it starts
+    gets its target instead (nonempty_answers), in both paths."""
+    from memoir_eval.synthetic import make_edits
     from memoir_vllm.session import Memoir
 
     _, m = served
@@ -224,11 +228,17 @@ def test_engine_without_snapshot_is_the_base_model_then_serves_a_last_token_snap
     assert [r.superseded for r in results] == [[], [0], [1]]
     assert [a.edit_id for a in newest.ask(EIFFEL, 1)] == [2, 2]
     snap_newest = newest.save(tmp_path / "newest")
+    fact = make_edits(30, 0)[14]  # its raw paraphrase answers nothing with any first token (test_answer_end.py)
+    nonempty = Memoir.create("default", prompt_format="raw")
+    nonempty.edit(fact["prompt"], fact["target"], subject=fact["subject"])
+    snap_nonempty = nonempty.save(tmp_path / "nonempty")
     steps = [{"op": "generate", "prompts": PROMPTS, "max_tokens": MAX_TOKENS},
              {"op": "rpc", "method": "memoir_load_snapshot", "args": [str(snap)]},
              {"op": "generate", "prompts": PROMPTS, "max_tokens": MAX_TOKENS},
              {"op": "rpc", "method": "memoir_load_snapshot", "args": [str(snap_newest)]},
-             {"op": "generate", "prompts": EIFFEL, "max_tokens": [6, 6]}]
+             {"op": "generate", "prompts": EIFFEL, "max_tokens": [6, 6]},
+             {"op": "rpc", "method": "memoir_load_snapshot", "args": [str(snap_nonempty)]},
+             {"op": "generate", "prompts": [fact["rephrase"], UNRELATED[0]], "max_tokens": [8, 8]}]
     kw = engine_kwargs(default_model_dir, max_num_seqs=3,
                        worker_extension_cls="memoir_vllm.vllm.plugin.MemoirWorkerExtension")
     res = run_engine(tmp_path, kw, steps, env={"VLLM_ENABLE_V1_MULTIPROCESSING": "0"})
@@ -242,6 +252,9 @@ def test_engine_without_snapshot_is_the_base_model_then_serves_a_last_token_snap
     served_newest = [_strip(t, eos) for t in res[5]]
     assert served_newest == hf_tokens(newest, EIFFEL, [6, 6])
     assert m.tok.decode(served_newest[0]).strip().startswith("Madrid")
+    served_nonempty = [_strip(t, eos) for t in res[7]]
+    assert served_nonempty == hf_tokens(nonempty, [fact["rephrase"], UNRELATED[0]], [8, 8])
+    assert m.tok.decode(served_nonempty[0]) == " Pujeith Bristigrus."
 
 
 def test_preemption_keeps_each_requests_routing(served, default_model_dir, tmp_path):

@@ -297,8 +297,29 @@ def attach_snapshot(runner: Any, path: str) -> None:
         att.follower = StoreFollower(path, str(snap.path), lambda v: _serving_memory(runner, v, att)[1])
         log.info("memoir: following %s (a new LATEST is loaded and served without a restart)", path)
     attachment.register(att)
+    _block_empty_answers(shim.runner_model(runner), module_path)
     log.info("memoir: %s attached at %s (%d edits, %d active, %s rule, threshold %.3f)", snap.path, module_path,
              memory.n_edits, memory.index.n_active, memory.rule, memory.threshold)
+
+
+def _block_empty_answers(model: Any, name: str) -> None:
+    """Wrap the model's compute_logits (once) so the sampled logits go through Router.nonempty of the
+    attachment `name`: a routed request's first token is no end token (config.nonempty_answers)."""
+    from . import attachment
+
+    if getattr(model.compute_logits, "memoir_wrapped", False):
+        return
+    inner = model.compute_logits
+
+    def compute_logits(hidden_states, *args, **kwargs):
+        logits = inner(hidden_states, *args, **kwargs)
+        att = attachment.by_name(name)
+        if logits is None or att is None or not att.enabled:
+            return logits
+        return att.router.nonempty(logits)
+
+    compute_logits.memoir_wrapped = True
+    model.compute_logits = compute_logits
 
 
 def served_model_identity(vllm_config: Any) -> dict:

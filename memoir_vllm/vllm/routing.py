@@ -39,6 +39,7 @@ from typing import Callable
 import numpy as np
 import torch
 
+from ..inference import block_end_tokens
 from ..memory import MAX_CANDIDATES, ResidualMemory, candidate_rows, mask_columns
 
 log = logging.getLogger(__name__)
@@ -102,6 +103,9 @@ class Router:
         self.tok_on = torch.ones(max_tokens, dtype=torch.bool, device=device)  # [T_max] may get the memory term
         self.dec_slots = torch.zeros(max_reqs, dtype=torch.int64, device=device)  # [R_max]
         self.dec_last = torch.zeros(max_reqs, dtype=torch.int64, device=device)  # [R_max]
+        # config.nonempty_answers: per logits row of this step, the slot of a request whose first token it samples
+        self.logit_slot = torch.full((max_reqs,), NO_MEMORY, dtype=torch.int64, device=device)  # [R_max]
+        self._logit_rows = 0  # rows of this step's sampled logits (0: nothing armed)
         self._tok_slot_host = torch.full((max_tokens,), NO_MEMORY, dtype=torch.int64)  # staging
         self._tok_prompt_host = torch.zeros(max_tokens, dtype=torch.bool)
         self._tok_on_host = torch.ones(max_tokens, dtype=torch.bool)
@@ -297,6 +301,7 @@ class Router:
         shared = self.memory.columns != "free"  # free columns: the term reads per-slot weights, no shard matmul
         present: set[int] | None = set() if self.memory.n_shards > 1 and subject_rule and shared else None
         gens = np.full(n, self.gen, dtype=np.int64)  # [R] memory generation of each request
+        first = np.full(n, NO_MEMORY, dtype=np.int64)  # [R] slot of each request that samples its first token
         for i, rid in enumerate(req_ids):
             st = self.states.get(rid)
             start, count, plen = int(num_computed[i]), int(num_scheduled[i]), int(num_prompt[i])
@@ -329,6 +334,8 @@ class Router:
                     fresh.append(st.slot)
             slots[i] = st.slot
             gens[i] = st.gen
+            if start + count == plen:  # its prompt completes now: the token sampled after it is its first
+                first[i] = st.slot
             if start < st.next_pos:  # preempted, now recomputed from its start (or from cached blocks)
                 self.counts["recomputed"] += 1
             if not st.decided and not st.pending_readback:
@@ -379,11 +386,27 @@ class Router:
             self.n_prompt[dec.to(self.device)] = torch.tensor(decide_n, device=self.device)
             self.dec_slots[: len(decide)].copy_(dec, non_blocking=True)
             self.dec_last[: len(decide)].copy_(torch.tensor(decide_last, dtype=torch.int64), non_blocking=True)
+        if self.memory.end_ids:
+            self.logit_slot[:n].copy_(torch.from_numpy(first))
+            self._logit_rows = n
         old = tuple((g, self.old_memories[g]) for g in sorted(set(gens.tolist()) - {self.gen}) if g in self.old_memories)
         if old:  # requests routed before a swap: their tokens use their generation's W_m
             self.tok_gen[:total].copy_(torch.from_numpy(np.repeat(gens, num_scheduled[:n])))
         self.plan = StepPlan(armed=True, need_acc=bool(undecided.any()), n_decide=len(decide), need_memory=need_memory,
                              old=old, shards=tuple(sorted(present)) if present is not None else None)
+
+
+    def nonempty(self, logits: torch.Tensor) -> torch.Tensor:
+        """This step's sampled logits [R, V] (one row per request, in prepare()'s order) with the end tokens
+        blocked for the requests that sample their first token and routed (config.nonempty_answers; the
+        decisions are read on the device, after the forward that made them). Once per prepare(); any other
+        call (prompt logprobs, more rows than requests) passes through."""
+        n, self._logit_rows = self._logit_rows, 0
+        if not n or logits.shape[0] != n:
+            return logits
+        slots = self.logit_slot[:n]
+        routed = (slots >= 0) & (self.slot_row[slots.clamp_min(0)] >= 0)
+        return block_end_tokens(logits, routed, self.memory.end_ids)
 
 
 def _aranges(counts: np.ndarray) -> np.ndarray:
