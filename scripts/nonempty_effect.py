@@ -7,8 +7,8 @@ The store's edits are matched, in order, to the first N facts of the data they w
 make-edits --seed S`'s SYNTHETIC facts, or a `memoir eval --data` set's records). No editing: the same memory
 is asked twice, with the end tokens a routed answer may not start with (the store's own, or the tokenizer's for
 an older store) and with none (any first token, the reference). Reported per request form: the share of whole
-answers equal to the target (memoir_eval.metrics.answer_match), of empty answers, and of requests routed to
-their own edit. Only routed requests can differ: an unrouted one is the base model either way.
+answers equal to the target (memoir_eval.metrics.answer_match; also per --block edits, oldest first), of empty
+answers, and of requests routed to their own edit. Only routed requests can differ: an unrouted one is the base model either way.
 """
 from __future__ import annotations
 
@@ -38,13 +38,15 @@ def facts_of(data: str, n: int, seed: int) -> list[dict]:
     return [{"prompt": r.prompt, "target": r.target, "rephrase": r.rephrase} for r in load_records(data, limit=n)]
 
 
-def answers(m: Memoir, facts: list[dict], chat: bool, max_new_tokens: int) -> dict:
+def answers(m: Memoir, facts: list[dict], chat: bool, max_new_tokens: int, block: int) -> dict:
     out = {}
     for kind, field in (("edited", "prompt"), ("paraphrase", "rephrase")):
         rows = [(i, f) for i, f in enumerate(facts) if f[field]]
         got = m.ask([f[field] for _, f in rows], max_new_tokens=max_new_tokens, chat=chat)
         n = len(rows)
-        out[kind] = sum(answer_match(a.answer, f["target"]) for a, (_, f) in zip(got, rows)) / n
+        ok = [answer_match(a.answer, f["target"]) for a, (_, f) in zip(got, rows)]
+        out[kind] = sum(ok) / n
+        out[f"{kind}_by_age"] = [sum(ok[s: s + block]) / len(ok[s: s + block]) for s in range(0, n, block)]
         out[f"{kind}_empty"] = sum(not a.answer.strip() for a in got) / n
         out[f"{kind}_routed"] = sum(a.edit_id == i for a, (i, _) in zip(got, rows)) / n
     return out
@@ -57,6 +59,7 @@ def main() -> None:
     ap.add_argument("--seed", type=int, default=0, help="make-edits seed (synthetic)")
     ap.add_argument("--forms", nargs="+", default=["raw"], choices=["raw", "chat"], help="request forms to ask in")
     ap.add_argument("--max-new-tokens", type=int, default=16)
+    ap.add_argument("--block", type=int, default=100, help="edits per age block (oldest first)")
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--out", default="runs/nonempty_effect.json")
     args = ap.parse_args()
@@ -73,17 +76,19 @@ def main() -> None:
     for form in args.forms:
         for name, end_ids in (("any first token", ()), ("nonempty_answers", ends)):
             m.memory.end_ids = end_ids
-            r = {"form": form, "setting": name, **answers(m, facts, form == "chat", args.max_new_tokens)}
+            r = {"form": form, "setting": name, **answers(m, facts, form == "chat", args.max_new_tokens, args.block)}
             log.info("%s", r)
             runs.append(r)
     result = {"store": str(args.store), "data": args.data, "n": len(facts), "runs": runs}
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(result, indent=1))
     print(f"{len(facts)} edits of {args.store}\n| form | first token | edit prompt = target | paraphrase = target "
-          "| paraphrase empty | paraphrase routed to its edit |\n|---|---|---|---|---|---|")
+          "| paraphrase empty | paraphrase routed to its edit | edit prompts by age | paraphrases by age |"
+          "\n|---|---|---|---|---|---|---|---|")
     for r in runs:
+        age = {k: " ".join(f"{v:.2f}" for v in r[f"{k}_by_age"]) for k in ("edited", "paraphrase")}
         print(f"| {r['form']} | {r['setting']} | {r['edited']:.3f} | {r['paraphrase']:.3f} | {r['paraphrase_empty']:.3f} "
-              f"| {r['paraphrase_routed']:.3f} |")
+              f"| {r['paraphrase_routed']:.3f} | {age['edited']} | {age['paraphrase']} |")
     print(f"results: {args.out}")
 
 
