@@ -24,7 +24,6 @@ from pathlib import Path
 from typing import Any
 
 import torch
-
 from transformers import LogitsProcessorList
 
 from .hf import MemoirLayer, attach, detach

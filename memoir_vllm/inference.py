@@ -29,12 +29,13 @@ def span_texts(tok, input_ids: torch.Tensor, route_mask: torch.Tensor, prompts: 
     return [tok.decode(row[m].tolist(), skip_special_tokens=True) for row, m in zip(input_ids, route_mask)]
 
 
-def block_end_tokens(logits: torch.Tensor, rows: torch.Tensor, end_ids: tuple[int, ...]) -> torch.Tensor:
-    """logits [B, V] with the end tokens at -inf in the rows where rows [B] bool is True (no host sync): what
-    config.nonempty_answers does to a routed request's first generated token, in both serving paths."""
-    if not end_ids:
+def block_end_tokens(logits: torch.Tensor, rows: torch.Tensor, end_ids: tuple[int, ...] | torch.Tensor) -> torch.Tensor:
+    """logits [B, V] with the end tokens at -inf in the rows where rows [B] bool is True (no host sync when
+    end_ids is already a tensor on the logits' device): what config.nonempty_answers does to a routed request's
+    first generated token, in both serving paths."""
+    if len(end_ids) == 0:
         return logits
-    ends = torch.tensor(end_ids, dtype=torch.int64, device=logits.device)
+    ends = torch.as_tensor(end_ids, dtype=torch.int64, device=logits.device)
     blocked = torch.where(rows.view(-1, 1), torch.full_like(logits[:, ends], float("-inf")), logits[:, ends])
     return logits.index_copy(1, ends, blocked)
 

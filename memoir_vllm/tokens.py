@@ -14,7 +14,7 @@ from dataclasses import dataclass
 
 import torch
 
-from .chat import ChatMarks, chat_prompt_ids, routing_span
+from .chat import ChatMarks, chat_marks, chat_prompt_ids, has_chat_template, routing_span
 
 
 @dataclass
@@ -74,8 +74,6 @@ def answer_end_ids(tok, target: str, end: str, marks: ChatMarks | None = None, c
 def end_token_ids(tok) -> tuple[int, ...]:
     """The tokens that can end an answer: end-of-text, and the chat template's end of turn where there is one
     (what config.nonempty_answers keeps from being a routed request's first generated token)."""
-    from .chat import chat_marks, has_chat_template
-
     ends = {tok.eos_token_id} if tok.eos_token_id is not None else set()
     marks = chat_marks(tok) if has_chat_template(tok) else None
     if marks is not None and marks.close:

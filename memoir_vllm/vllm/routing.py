@@ -106,6 +106,7 @@ class Router:
         # config.nonempty_answers: per logits row of this step, the slot of a request whose first token it samples
         self.logit_slot = torch.full((max_reqs,), NO_MEMORY, dtype=torch.int64, device=device)  # [R_max]
         self._logit_rows = 0  # rows of this step's sampled logits (0: nothing armed)
+        self._ends: tuple[tuple[int, ...], torch.Tensor | None] = ((), None)  # memory.end_ids and their device copy
         self._tok_slot_host = torch.full((max_tokens,), NO_MEMORY, dtype=torch.int64)  # staging
         self._tok_prompt_host = torch.zeros(max_tokens, dtype=torch.bool)
         self._tok_on_host = torch.ones(max_tokens, dtype=torch.bool)
@@ -395,7 +396,6 @@ class Router:
         self.plan = StepPlan(armed=True, need_acc=bool(undecided.any()), n_decide=len(decide), need_memory=need_memory,
                              old=old, shards=tuple(sorted(present)) if present is not None else None)
 
-
     def nonempty(self, logits: torch.Tensor) -> torch.Tensor:
         """This step's sampled logits [R, V] (one row per request, in prepare()'s order) with the end tokens
         blocked for the requests that sample their first token and routed (config.nonempty_answers; the
@@ -406,7 +406,9 @@ class Router:
             return logits
         slots = self.logit_slot[:n]
         routed = (slots >= 0) & (self.slot_row[slots.clamp_min(0)] >= 0)
-        return block_end_tokens(logits, routed, self.memory.end_ids)
+        if self._ends[0] != self.memory.end_ids:  # made once per memory, not copied to the device every step
+            self._ends = (self.memory.end_ids, torch.tensor(self.memory.end_ids, dtype=torch.int64, device=self.device))
+        return block_end_tokens(logits, routed, self._ends[1])
 
 
 def _aranges(counts: np.ndarray) -> np.ndarray:
