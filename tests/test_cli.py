@@ -49,10 +49,10 @@ def test_edit_ask_info_disable(default_model_dir, tmp_path, capsys):
 
 
 def test_killed_job_keeps_its_last_snapshot_and_resume_applies_no_edit_twice(tiny_model_dir, tmp_path):
-    edits = write_edits(tmp_path / "vaults.jsonl", 40)
+    edits = write_edits(tmp_path / "vaults.jsonl", 24)
     out = tmp_path / "killed"
     cmd = [sys.executable, "-m", "memoir_vllm.cli", "edit", "--model", str(tiny_model_dir), "--edits", str(edits),
-           "--out", str(out), "--checkpoint-every", "3", "--threads", "1", "--n-iter", "30"]
+           "--out", str(out), "--checkpoint-every", "3", "--threads", "1", "--n-iter", "20"]
     proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     deadline = time.time() + 300
     while time.time() < deadline and proc.poll() is None:
@@ -65,18 +65,18 @@ def test_killed_job_keeps_its_last_snapshot_and_resume_applies_no_edit_twice(tin
     assert proc.returncode == -signal.SIGKILL, "the job finished before it could be killed"
     snap = load_snapshot(out)  # the last complete version loads and verifies
     done = len(snap.edits)
-    assert 0 < done < 40 and done % 3 == 0
+    assert 0 < done < 24 and done % 3 == 0
     assert main(["edit", "--model", str(tiny_model_dir), "--edits", str(edits), "--out", str(out), "--resume",
                  "--threads", "1"]) == 0
     resumed = load_snapshot(out)
-    assert [e.prompt for e in resumed.edits] == [f"The secret code of vault {i} is" for i in range(40)]
+    assert [e.prompt for e in resumed.edits] == [f"The secret code of vault {i} is" for i in range(24)]
     assert resumed.manifest["parent"] is not None
     # the same job without interruption writes the same memory
     straight = tmp_path / "straight"
     assert main(["edit", "--model", str(tiny_model_dir), "--edits", str(edits), "--out", str(straight),
-                 "--threads", "1", "--n-iter", "30"]) == 0
+                 "--threads", "1", "--n-iter", "20"]) == 0
     assert torch.allclose(load_snapshot(straight).memory.weight, resumed.memory.weight, atol=1e-6)
-    assert read_manifest(straight)["n_edits"] == 40
+    assert read_manifest(straight)["n_edits"] == 24
 
 
 def test_existing_store_needs_resume(tiny_model_dir, tmp_path, capsys):
