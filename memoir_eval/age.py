@@ -5,6 +5,8 @@ whose question the stream edits again later (a conflict in the data, not forgett
     by_age([rows], block=100)           -> [{"edits": "0-99", "n": 100, "rel": .47, "rel_em": ...}, ...]
     edited_again(records, positions)    -> {position: the position of the newest later edit of its question}
     conflict_split([rows], records, [positions]) -> {"edited_again": {...}, "single": {...}}
+    in_blocks([1, 1, 0, 1], 2)         -> [1.0, 0.5]
+    by_shard_position(ok, shards)       -> {"per_shard": 24, "full_shards": 41, "mean": .96, "by_position": [...]}
 """
 from __future__ import annotations
 
@@ -42,6 +44,33 @@ def by_age(chunks: list[list[dict[str, Any]]], block: int = AGE_BLOCK) -> list[d
         rows = [r for rows in chunks for r in rows[start : start + block]]
         out.append({"edits": f"{start}-{start + block - 1}", "n": len(rows), **_means(rows, AGE_METRICS)})
     return out
+
+
+def in_blocks(values: list[float], block: int) -> list[float]:
+    """The mean of each run of `block` consecutive values, oldest first (the last run may be shorter)."""
+    return [sum(values[s : s + block]) / len(values[s : s + block]) for s in range(0, len(values), block)]
+
+
+def by_shard_position(values: list[float], shards: list[int]) -> dict[str, Any]:
+    """Values (one per edit, in the order written) by the edit's position in its shard (0: the first edit its
+    shard took), over the full shards only (those holding the most edits; the newest shard may be partial).
+
+    Under free columns (a shard takes D // k edits, then never changes) an edit's weights are trained by its
+    shard's later edits only, so these figures hold for any number of edits: with per-request routing measured at
+    that size, `mean` is the projection of a larger stream's share."""
+    fill: dict[int, list[float]] = {}
+    for v, s in zip(values, shards):
+        fill.setdefault(s, []).append(float(v))
+    per_shard = max((len(v) for v in fill.values()), default=0)
+    full = [v for v in fill.values() if len(v) == per_shard]
+    by_position = [_mean([v[p] for v in full]) for p in range(per_shard)]
+    return {"per_shard": per_shard, "full_shards": len(full), "mean": _mean([x for v in full for x in v]),
+            "by_position": by_position}
+
+
+def full_shards(stats: dict[str, Any]) -> str:
+    """by_shard_position() in a table cell: '0.962 (41 x 24)', the mean over the full shards, their number, size."""
+    return "" if stats["mean"] is None else f"{stats['mean']:.3f} ({stats['full_shards']} x {stats['per_shard']})"
 
 
 def _question(text: str) -> str:

@@ -8,7 +8,8 @@ make-edits --seed S`'s SYNTHETIC facts, or a `memoir eval --data` set's records)
 is asked twice, with the end tokens a routed answer may not start with (the store's own, or the tokenizer's for
 an older store) and with none (any first token, the reference). Reported per request form: the share of whole
 answers equal to the target (memoir_eval.metrics.answer_match; also per --block edits, oldest first), of empty
-answers, and of requests routed to their own edit. Only routed requests can differ: an unrouted one is the base model either way.
+answers, and of requests routed to their own edit; and per position in a full shard with the mean over full shards
+(memoir_eval.age.by_shard_position: under free columns, what projects to a larger stream). Only routed requests can differ: an unrouted one is the base model either way.
 """
 from __future__ import annotations
 
@@ -23,6 +24,7 @@ import torch
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
+from memoir_eval.age import by_shard_position, full_shards, in_blocks  # noqa: E402
 from memoir_eval.data import load_records  # noqa: E402
 from memoir_eval.metrics import answer_match  # noqa: E402
 from memoir_eval.synthetic import make_edits  # noqa: E402
@@ -40,13 +42,15 @@ def facts_of(data: str, n: int, seed: int) -> list[dict]:
 
 def answers(m: Memoir, facts: list[dict], chat: bool, max_new_tokens: int, block: int) -> dict:
     out = {}
+    shards = m.memory.index.shards.tolist()
     for kind, field in (("edited", "prompt"), ("paraphrase", "rephrase")):
         rows = [(i, f) for i, f in enumerate(facts) if f[field]]
         got = m.ask([f[field] for _, f in rows], max_new_tokens=max_new_tokens, chat=chat)
         n = len(rows)
         ok = [answer_match(a.answer, f["target"]) for a, (_, f) in zip(got, rows)]
         out[kind] = sum(ok) / n
-        out[f"{kind}_by_age"] = [sum(ok[s: s + block]) / len(ok[s: s + block]) for s in range(0, n, block)]
+        out[f"{kind}_by_age"] = in_blocks(ok, block)
+        out[f"{kind}_by_shard_position"] = by_shard_position(ok, [shards[i] for i, _ in rows])
         out[f"{kind}_empty"] = sum(not a.answer.strip() for a in got) / n
         out[f"{kind}_routed"] = sum(a.edit_id == i for a, (i, _) in zip(got, rows)) / n
     return out
@@ -83,12 +87,13 @@ def main() -> None:
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(result, indent=1))
     print(f"{len(facts)} edits of {args.store}\n| form | first token | edit prompt = target | paraphrase = target "
-          "| paraphrase empty | paraphrase routed to its edit | edit prompts by age | paraphrases by age |"
-          "\n|---|---|---|---|---|---|---|---|")
+          "| paraphrase empty | paraphrase routed to its edit | edit prompts by age | paraphrases by age "
+          "| edit prompts, full shards | paraphrases, full shards |\n|---|---|---|---|---|---|---|---|---|---|")
     for r in runs:
         age = {k: " ".join(f"{v:.2f}" for v in r[f"{k}_by_age"]) for k in ("edited", "paraphrase")}
         print(f"| {r['form']} | {r['setting']} | {r['edited']:.3f} | {r['paraphrase']:.3f} | {r['paraphrase_empty']:.3f} "
-              f"| {r['paraphrase_routed']:.3f} | {age['edited']} | {age['paraphrase']} |")
+              f"| {r['paraphrase_routed']:.3f} | {age['edited']} | {age['paraphrase']} | {full_shards(r['edited_by_shard_position'])} "
+              f"| {full_shards(r['paraphrase_by_shard_position'])} |")
     print(f"results: {args.out}")
 
 

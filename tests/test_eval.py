@@ -49,6 +49,20 @@ def test_chunks_and_summary():
     assert s["rel"]["n"] == 3 and s["rel"]["median"] == 1.0
 
 
+def test_share_by_position_in_shard_over_full_shards():
+    """Shards of 3 edits: the first edit of each full shard answers, the second half the time, the third never;
+    the newest shard (2 edits, partial) is left out; blocks of consecutive edits, oldest first."""
+    from memoir_eval.age import by_shard_position, full_shards, in_blocks
+
+    ok = [1, 1, 0, 1, 0, 0, 1, 1]
+    shards = [0, 0, 0, 1, 1, 1, 2, 2]
+    got = by_shard_position(ok, shards)
+    assert got == {"per_shard": 3, "full_shards": 2, "mean": 0.5, "by_position": [1.0, 0.5, 0.0]}
+    assert in_blocks(ok, 3) == [2 / 3, 1 / 3, 1.0]
+    assert full_shards(got) == "0.500 (2 x 3)"
+    assert by_shard_position([], [])["mean"] is None
+
+
 def test_rel_by_age_blocks_oldest_first_and_conflicts_apart(tmp_path):
     from memoir_eval.age import age_markdown, by_age, conflict_split, edited_again, plot_by_age
     from memoir_eval.data import EvalRecord
