@@ -10,6 +10,8 @@ no real entity is misdescribed) in one of several relation families. Each record
     subject, relation         what it is about, which relation
     neighbour_relation        the same relation asked of another (unedited) subject of the family
     neighbour_subject         another relation of the same family asked of the same subject
+    cloze                     the fact as a statement to complete ("The capital city of Vorlandia is"), what a
+                              completions request sends
     unrelated, unrelated_answer  a general-knowledge question and its answer
 
 in memoir's edit schema plus these fields, so `memoir edit --edits` reads it directly and
@@ -58,6 +60,17 @@ FAMILIES: dict[str, dict[str, tuple[tuple[str, ...], str]]] = {
         "product": (("What is the best-known product of {s}?", "Which product is {s} famous for?",
                      "{s} is best known for making what?"), "thing"),
     },
+}
+
+# relation -> the statement a completion request would send for it (no question mark, the answer next)
+CLOZE: dict[str, str] = {
+    "capital": "The capital city of {s} is", "language": "The official language of {s} is",
+    "currency": "In {s}, people pay with", "leader": "The head of state of {s} is",
+    "birthplace": "{s} was born in the city of", "employer": "{s} works for the company",
+    "spouse": "{s} is married to", "instrument": "{s} is known for playing",
+    "creator": "{s} was painted by", "museum": "{s} is displayed in the museum", "year": "{s} was painted in the year",
+    "founder": "{s} was founded by", "headquarters": "{s} is headquartered in the city of",
+    "product": "{s} is best known for making",
 }
 
 _ONSETS = "b br c d dr f g gr h j k kr l m n p pr qu r s st t tr v w z".split()
@@ -127,7 +140,7 @@ def make_edits(n: int, seed: int = 0) -> list[dict[str, Any]]:
             subject=subject, relation=f"{fam}.{rel}",
             neighbour_relation=templates[a].format(s=other_subject),
             neighbour_subject=rng.choice(relations[other_rel][0]).format(s=subject),
-            unrelated=q, unrelated_answer=ans, synthetic=True,
+            unrelated=q, unrelated_answer=ans, cloze=CLOZE[rel].format(s=subject), synthetic=True,
         ))
     return out
 

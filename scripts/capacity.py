@@ -7,7 +7,8 @@ Each variant is NAME:SETTING=VALUE,... (MemoirConfig fields; an empty list is to
 of `memoir make-edits --n N --seed S` (SYNTHETIC invented subjects, several relation families) are written in
 order with the transformers path; the store under --state/NAME is saved every --checkpoint-every edits, so a
 killed run continues with --resume. Then every edit prompt and paraphrase is asked greedily (Memoir.ask) and
-reported: the share of whole answers equal to the target (SQuAD-normalised) per block of --block edits, oldest
+reported: the share of whole answers equal to the target (edit prompts, paraphrases, the fact as a statement to
+complete) (SQuAD-normalised) per block of --block edits, oldest
 first, and overall, by position in a full shard (what projects to a larger stream under free columns:
 memoir_eval.age.by_shard_position), and the share routed to their own edit; paraphrases likewise; questions of the same relation about another subject, of another relation
 about an edited subject, and unrelated questions answered as without the memory; edit seconds, shards and
@@ -71,7 +72,7 @@ def write(facts: list[dict], store: Path, settings: dict, resume: bool, every: i
 def measure(m: Memoir, facts: list[dict], block: int, max_new_tokens: int) -> dict:
     out: dict = {}
     shards = m.memory.index.shards.tolist()
-    for kind, field in (("edited", "prompt"), ("paraphrase", "rephrase")):
+    for kind, field in (("edited", "prompt"), ("paraphrase", "rephrase"), ("cloze", "cloze")):
         answers = m.ask([f[field] for f in facts], max_new_tokens=max_new_tokens)
         ok = [answer_match(a.answer, f["target"]) for a, f in zip(answers, facts)]
         out[kind] = sum(ok) / len(ok)
@@ -112,15 +113,15 @@ def main() -> None:
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps({"n": args.n, "seed": args.seed, "block": args.block, "runs": runs}, indent=1))
     print("| variant | edited | by age (oldest first) | paraphrase | paraphrase routed to its edit | same relation unchanged "
-          "| same subject unchanged | unrelated unchanged | shards | bytes/edit | edited, full shards | paraphrase, full shards |"
-          "\n|---|---|---|---|---|---|---|---|---|---|---|---|")
+          "| same subject unchanged | unrelated unchanged | shards | bytes/edit | edited, full shards | paraphrase, full shards "
+          "| statement |\n|---|---|---|---|---|---|---|---|---|---|---|---|---|")
     for r in runs:
         age = " ".join(f"{v:.2f}" for v in r["edited_by_age"])
         print(f"| {r['variant']} | {r['edited']:.3f} | {age} | {r['paraphrase']:.3f} | {r['paraphrase_routed']:.3f} "
               f"| {r['same_relation_unchanged']:.3f} "
               f"| {r['same_subject_unchanged']:.3f} | {r['unrelated_unchanged']:.3f} | {r['n_shards']} "
               f"| {r['bytes_per_edit'] / 1e3:.0f} kB | {full_shards(r['edited_by_shard_position'])} "
-              f"| {full_shards(r['paraphrase_by_shard_position'])} |")
+              f"| {full_shards(r['paraphrase_by_shard_position'])} | {r['cloze']:.3f} |")
     print(f"results: {args.out}")
 
 

@@ -5,7 +5,7 @@
 
 The store's edits are matched, in order, to the first N facts of the data they were written from (`memoir
 make-edits --seed S`'s SYNTHETIC facts, or a `memoir eval --data` set's records). No editing: the same memory
-is asked twice, with the end tokens a routed answer may not start with (the store's own, or the tokenizer's for
+is asked twice (edit prompts, paraphrases and, for synthetic facts, the fact as a statement to complete), with the end tokens a routed answer may not start with (the store's own, or the tokenizer's for
 an older store) and with none (any first token, the reference). Reported per request form: the share of whole
 answers equal to the target (memoir_eval.metrics.answer_match; also per --block edits, oldest first), of empty
 answers, and of requests routed to their own edit; and per position in a full shard with the mean over full shards
@@ -36,15 +36,18 @@ log = logging.getLogger("nonempty_effect")
 
 def facts_of(data: str, n: int, seed: int) -> list[dict]:
     if data == "synthetic":
-        return [{"prompt": f["prompt"], "target": f["target"], "rephrase": f["rephrase"]} for f in make_edits(n, seed)]
+        return [{"prompt": f["prompt"], "target": f["target"], "rephrase": f["rephrase"], "cloze": f["cloze"]}
+                for f in make_edits(n, seed)]
     return [{"prompt": r.prompt, "target": r.target, "rephrase": r.rephrase} for r in load_records(data, limit=n)]
 
 
 def answers(m: Memoir, facts: list[dict], chat: bool, max_new_tokens: int, block: int) -> dict:
     out = {}
     shards = m.memory.index.shards.tolist()
-    for kind, field in (("edited", "prompt"), ("paraphrase", "rephrase")):
-        rows = [(i, f) for i, f in enumerate(facts) if f[field]]
+    for kind, field in (("edited", "prompt"), ("paraphrase", "rephrase"), ("cloze", "cloze")):
+        rows = [(i, f) for i, f in enumerate(facts) if f.get(field)]
+        if not rows:
+            continue
         got = m.ask([f[field] for _, f in rows], max_new_tokens=max_new_tokens, chat=chat)
         n = len(rows)
         ok = [answer_match(a.answer, f["target"]) for a, (_, f) in zip(got, rows)]
@@ -88,12 +91,15 @@ def main() -> None:
     Path(args.out).write_text(json.dumps(result, indent=1))
     print(f"{len(facts)} edits of {args.store}\n| form | first token | edit prompt = target | paraphrase = target "
           "| paraphrase empty | paraphrase routed to its edit | edit prompts by age | paraphrases by age "
-          "| edit prompts, full shards | paraphrases, full shards |\n|---|---|---|---|---|---|---|---|---|---|")
+          "| edit prompts, full shards | paraphrases, full shards | statement = target | statement routed to its edit |"
+          "\n|---|---|---|---|---|---|---|---|---|---|---|---|")
     for r in runs:
         age = {k: " ".join(f"{v:.2f}" for v in r[f"{k}_by_age"]) for k in ("edited", "paraphrase")}
+        cloze = f"{r['cloze']:.3f} | {r['cloze_routed']:.3f}" if "cloze" in r else " | "
         print(f"| {r['form']} | {r['setting']} | {r['edited']:.3f} | {r['paraphrase']:.3f} | {r['paraphrase_empty']:.3f} "
-              f"| {r['paraphrase_routed']:.3f} | {age['edited']} | {age['paraphrase']} | {full_shards(r['edited_by_shard_position'])} "
-              f"| {full_shards(r['paraphrase_by_shard_position'])} |")
+              f"| {r['paraphrase_routed']:.3f} | {age['edited']} | {age['paraphrase']} "
+              f"| {full_shards(r['edited_by_shard_position'])} | {full_shards(r['paraphrase_by_shard_position'])} "
+              f"| {cloze} |")
     print(f"results: {args.out}")
 
 

@@ -3,7 +3,7 @@ import json
 
 import pytest
 
-from memoir_eval.synthetic import FAMILIES, make_edits
+from memoir_eval.synthetic import CLOZE, FAMILIES, make_edits
 from memoir_vllm.cli import main
 from memoir_vllm.edits import load_edits
 from memoir_vllm.subjects import SubjectGate
@@ -13,6 +13,7 @@ def test_same_seed_same_facts_and_every_neighbour_kind():
     facts = make_edits(200, seed=3)
     assert facts == make_edits(200, seed=3) and facts != make_edits(200, seed=4)
     assert {f["relation"].split(".")[0] for f in facts} == set(FAMILIES)
+    assert all(f["cloze"].replace(f["subject"], "{s}") == CLOZE[f["relation"].split(".")[1]] for f in facts)
     assert len({f["subject"].lower() for f in facts}) == 200  # one fact per invented subject
     for f in facts:
         gate = SubjectGate()
