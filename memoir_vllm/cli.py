@@ -135,7 +135,7 @@ def add_ask(sub) -> None:
                    "its candidates: edit id, subject, encoder cosine, mask overlap: why it routed)")
     p.add_argument("--max-new-tokens", type=int, default=16)
     p.add_argument("--tau", type=float, help="override the snapshot's routing threshold (subject_tau under the "
-                   "subject rule)")
+                   "subject rule; no effect under free columns, where no mask overlap routes)")
     p.add_argument("--chat", action=argparse.BooleanOptionalAction, default=None,
                    help="ask each prompt as a one-message chat in the model's chat template (what "
                    "/v1/chat/completions sends); default: --chat for a snapshot edited in the chat format")

@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
+import logging
 from collections.abc import Iterator, Sequence
 import dataclasses
 from dataclasses import dataclass
@@ -39,6 +40,8 @@ from .chat import ChatMarks, routing_span
 from .index import MaskIndex, unpack_masks
 from .subjects import SubjectGate, mask_subject, normalize
 from .tophash import Pooled, feature_from_pool, indices_to_mask, make_permutation, pool_prompt, tophash
+
+log = logging.getLogger(__name__)
 
 NO_EDIT = -1  # decision row of a request served by the base model
 MAX_CANDIDATES = 32  # candidate rows per request under the subject rule (the newest when more edits match)
@@ -316,6 +319,9 @@ class ResidualMemory(nn.Module):
         """Set the routing threshold of this memory's rule (what `memoir ask --tau` and memoir_set_tau change)."""
         if not 0.0 <= tau <= 1.0:
             raise ValueError(f"tau={tau} is outside [0, 1]")
+        if self.columns == "free":
+            log.warning("%s=%s changes nothing under free columns: no mask overlap routes there (the subject gate "
+                        "and the second stage do; its threshold is check_tau)", self.threshold_name, tau)
         setattr(self, self.threshold_name, float(tau))
 
     def candidates(self, texts: list[str]) -> torch.Tensor | None:

@@ -7,7 +7,9 @@ invented subjects; or --edits FILE with prompt/target/rephrase/unrelated and no 
 serves the snapshot, and every question is asked greedily (24 new tokens) with memory on and off (vllm_xargs {"memoir": false}, the base answer) through chat completions (one user
 message) and completions (the raw prompt). Reported per format and request form:
 
-    edited / paraphrase   the whole answer is the target (memoir_eval.metrics.answer_match: SQuAD-normalised)
+    edited / paraphrase / statement   the whole answer is the target (memoir_eval.metrics.answer_match:
+                          SQuAD-normalised); statement: the fact as a sentence to complete ("The capital city of
+                          Vorlandia is"), synthetic facts only
     unrelated, same subject other relation, same relation other subject   answer == base answer
     repeats               share of edited answers that repeat a 3-gram
 
@@ -33,7 +35,7 @@ from memoir_vllm.edits import load_edits  # noqa: E402
 from memoir_vllm.vllm.server_process import ServerProcess  # noqa: E402
 
 log = logging.getLogger("chat_facts")
-KINDS = {"edited": "prompt", "paraphrase": "rephrase", "unrelated": "unrelated",
+KINDS = {"edited": "prompt", "paraphrase": "rephrase", "statement": "cloze", "unrelated": "unrelated",
          "same_subject_other_relation": "neighbour_subject", "same_relation_other_subject": "neighbour_relation"}
 
 
@@ -84,7 +86,7 @@ def measure(facts: list[dict], srv: ServerProcess, max_tokens: int) -> dict:
                 continue
             on = ask_all(srv, qs, chat, True, max_tokens)
             off = ask_all(srv, qs, chat, False, max_tokens)
-            if kind in ("edited", "paraphrase"):
+            if kind in ("edited", "paraphrase", "statement"):
                 targets = [f["target"] for f in facts if f.get(field)]
                 res[kind] = sum(answer_match(a, t) for a, t in zip(on, targets)) / len(qs)
                 if kind == "edited":

@@ -51,6 +51,15 @@ def test_a_request_takes_its_first_candidate_without_a_mask_overlap():
     assert mem.decide_masks(query, torch.tensor([[-1, -1]])).row.tolist() == [-1]
 
 
+def test_a_threshold_changes_nothing_under_free_columns_and_says_so(caplog):
+    mem = free_memory()
+    mem.add_edit(torch.tensor([0, 1, 2, 3, 4, 5]))
+    query = torch.tensor([[10, 11, 12, 13, 14, 15]])  # no overlap with edit 0
+    mem.set_threshold(1.0)
+    assert "changes nothing under free columns" in caplog.text
+    assert mem.decide_masks(query, torch.tensor([[0]])).row.tolist() == [0]
+
+
 @pytest.mark.model
 def test_edits_share_no_column_and_full_shards_open_new_ones(tiny_model_dir, tmp_path):
     from memoir_vllm.session import Memoir
