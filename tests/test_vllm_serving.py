@@ -219,11 +219,11 @@ def test_engine_without_snapshot_is_the_base_model_then_serves_a_last_token_snap
     from memoir_vllm.session import Memoir
 
     _, m = served
-    last = Memoir.create("default", feature="last")
+    last = Memoir.create("default", feature="last", prompt_format="raw")  # raw rows alone: half the edit time
     for p, t in EDITS:
         last.edit(p, t)
     snap = last.save(tmp_path / "last")
-    newest = Memoir.create("default")
+    newest = Memoir.create("default", prompt_format="raw")
     results = [newest.edit(p, t) for p, t in zip(EIFFEL + EIFFEL[:1], ["Rome", "Berlin", "Madrid"])]
     assert [r.superseded for r in results] == [[], [0], [1]]
     assert [a.edit_id for a in newest.ask(EIFFEL, 1)] == [2, 2]
