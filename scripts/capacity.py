@@ -33,6 +33,7 @@ from memoir_eval.metrics import answer_match  # noqa: E402
 from memoir_eval.synthetic import make_edits  # noqa: E402
 from memoir_vllm.edits import EditRequest  # noqa: E402
 from memoir_vllm.session import Memoir  # noqa: E402
+from memoir_vllm.tokens import end_token_ids  # noqa: E402
 
 log = logging.getLogger("capacity")
 UNCHANGED = {"same_relation_unchanged": "neighbour_relation", "same_subject_unchanged": "neighbour_subject",
@@ -96,6 +97,8 @@ def main() -> None:
     ap.add_argument("--checkpoint-every", type=int, default=25)
     ap.add_argument("--max-new-tokens", type=int, default=16)
     ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--nonempty", action="store_true", help="ask a store written before nonempty_answers existed "
+                    "with it on (today's default): a routed answer never starts with an end token")
     ap.add_argument("--out", default="runs/capacity.json")
     args = ap.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s", datefmt="%H:%M:%S")
@@ -105,7 +108,10 @@ def main() -> None:
     for name, settings in map(parse_variant, args.variants):
         m, edit_s = write(facts, Path(args.state) / name, settings, args.resume, args.checkpoint_every)
         mem = m.memory
+        if args.nonempty and not mem.end_ids:
+            mem.end_ids = tuple(end_token_ids(m.tok))
         r = {"variant": name, "settings": settings, "edit_s_this_run": round(edit_s, 1), "n_shards": mem.n_shards,
+             "nonempty_answers": bool(mem.end_ids),
              "bytes_per_edit": mem.weight.numel() * mem.weight.element_size() / max(mem.n_edits, 1),
              **measure(m, facts, args.block, args.max_new_tokens)}
         runs.append(r)
