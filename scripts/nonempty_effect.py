@@ -5,11 +5,13 @@
 
 The store's edits are matched, in order, to the first N facts of the data they were written from (`memoir
 make-edits --seed S`'s SYNTHETIC facts, or a `memoir eval --data` set's records). No editing: the same memory
-is asked twice (edit prompts, paraphrases and, for synthetic facts, the fact as a statement to complete), with the end tokens a routed answer may not start with (the store's own, or the tokenizer's for
-an older store) and with none (any first token, the reference). Reported per request form: the share of whole
-answers equal to the target (memoir_eval.metrics.answer_match; also per --block edits, oldest first), of empty
-answers, and of requests routed to their own edit; and per position in a full shard with the mean over full shards
-(memoir_eval.age.by_shard_position: under free columns, what projects to a larger stream). Only routed requests can differ: an unrouted one is the base model either way.
+is asked twice (edit prompts, paraphrases and, for synthetic facts, the fact as a statement to complete), with
+the end tokens a routed answer may not start with (the store's own, or the tokenizer's for an older store) and
+with none (any first token, the reference). Reported per request form: the share of whole answers equal to the
+target (memoir_eval.metrics.answer_match; also per --block edits, oldest first, and per position in a full
+shard with the mean over full shards: memoir_eval.age.by_shard_position, what projects to a larger stream under
+free columns), of empty answers, and of requests routed to their own edit. Only routed requests can differ: an
+unrouted one is the base model either way.
 """
 from __future__ import annotations
 
