@@ -103,6 +103,11 @@ class MemoirConfig:
                                   "them, so one store answers chat requests and completions of the raw prompt; 2x the "
                                   "rows) or plain (the prompt alone: chat paraphrases .933 against .833, completions "
                                   ".500 against .900)", ("plain", "templated"))
+    statement_rows: str = _setting("none", "none (the reference) or self: an edit also trains, as a raw row, its "
+                                   "question stated in the unedited model's own words (its greedy answer cut before "
+                                   "the answer: memoir_vllm.statements), so completions that state the fact reach the "
+                                   "target (20 raw synthetic facts: statements .10 -> .30, edit prompts and "
+                                   "paraphrases unchanged); one greedy answer per edit", ("none", "self"))
     mask_key: str = _setting("subject", "under the subject rule, relabel each edit's TopHash mask by a key drawn "
                              "from its subject, so edits of one relation about different subjects train nearly "
                              "disjoint columns of W_m (routing decisions are unchanged: overlaps within a subject "
@@ -204,6 +209,7 @@ class MemoirConfig:
         return cls(**{"decay": "coupled", "routing": "mask", "subject_check": "none", "supersede": False,
                       "prompt_format": "raw", "answer_end": "none", "memory_start": "all", "mask_key": "none",
                       "answer_type": False, "columns": "shared", "chat_raw_rows": "plain", "nonempty_answers": False,
+                      "statement_rows": "none",
                       **d})
 
 
@@ -213,7 +219,7 @@ PRESETS: dict[str, dict[str, Any]] = {
     "reference": dict(tau=0.4, lr=1.0, n_iter=30, optimizer="sgd", grad_clip=1.0, fast=False, weight_decay=1e-5,
                       decay="coupled", routing="mask", supersede=False, prompt_format="raw", answer_end="none",
                       memory_start="all", mask_key="none", answer_type=False, columns="shared",
-                      template_decoding="model", nonempty_answers=False),
+                      template_decoding="model", nonempty_answers=False, statement_rows="none"),
     "llama3-8b": dict(layer=27, k=4096, tau=0.4, lr=1.0, n_iter=30),
     "gptj-6b": dict(layer=21, k=4096, tau=0.4, lr=1.0, n_iter=70),
     # SmolLM2-135M (30 blocks, D=1536), measured: see docs/defaults.md. Free columns of 64 (24 edits per W_m)

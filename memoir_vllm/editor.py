@@ -16,14 +16,18 @@ from typing import Iterator
 import torch
 import torch.nn.functional as F
 
+from .chat import has_chat_template
 from .config import MemoirConfig, arch_spec
 from .hf import MemoirLayer, attach, capturing, decoder_layers, get_module, training
+from .inference import generate
 from .memory import ResidualMemory, from_span
+from .statements import statement_prefix
 from .tokens import PairBatch, encode_pairs, encode_prompts
 from .tophash import indices_to_mask
 
 log = logging.getLogger(__name__)
 
+STATEMENT_TOKENS = 24  # new tokens of the unedited answer a statement row is cut from
 TEMPLATE_SEEDS = ("I", "You", "Because", "Yes", "Q: ")
 TEMPLATE_LENGTHS = (5, 10)  # new tokens; one template per seed and length -> 10 templates
 TEMPLATE_DECODINGS = ("greedy", "model", "sample")
@@ -165,7 +169,7 @@ class SequentialEditor:
         chat format (the memory has chat marks): the same rows with '{p}' / '<template> {p}' as the user
         message of a chat and y as the assistant's answer, then the raw rows, so one edit serves chat
         requests and raw completions: the plain raw row, or under chat_raw_rows "templated" all the raw
-        format's rows.
+        format's rows. Under statement_rows "self", last, the question as the unedited model states it (a raw row).
         """
         prompts = [prompt] + [f"{t} {prompt}" for t in self.templates]
         chat = self.memory.marks is not None
@@ -173,8 +177,20 @@ class SequentialEditor:
         if chat:
             raw = prompts if self.cfg.chat_raw_rows == "templated" else [prompt]
             prompts, flags = prompts + raw, [True] * len(prompts) + [False] * len(raw)
+        statement = self.statement(prompt) if self.cfg.statement_rows == "self" else None
+        if statement:
+            prompts, flags = prompts + [statement], flags + [False]
         return encode_pairs(self.tok, prompts, [target] * len(prompts), self.max_length, marks=self.memory.marks,
                             chat=flags, end=self.cfg.answer_end).to(self.model.device)
+
+    def statement(self, prompt: str) -> str | None:
+        """The prompt stated in the unedited model's words (statements.statement_prefix of its greedy answer, in
+        the chat form where the tokenizer has one), or None."""
+        answer = generate(self.model, self.tok, self.layer, [prompt], STATEMENT_TOKENS, use_memory=False,
+                          chat=has_chat_template(self.tok))[0][0]
+        prefix = statement_prefix(prompt, answer)
+        log.debug("statement row of %r: %r (from %r)", prompt, prefix, answer)
+        return prefix
 
     def edit(self, prompt: str, target: str, shard: int = 0, edit_id: int | None = None, key: int = 0) -> EditResult:
         """Train W_m on one (prompt, target) under the prompt's TopHash mask, then store the mask.
