@@ -106,10 +106,11 @@ class ExportRouter:
         """generate()'s keyword arguments plus the memory's answer processors (a routed answer's first token is
         no end token: config.nonempty_answers), as `memoir ask` generates."""
         ids = kwargs.get("input_ids", args[0] if args else None)
-        if not isinstance(ids, torch.Tensor) or not self.layer.memory.end_ids:
+        ours = answer_processors(self.layer, ids.shape[1]) if isinstance(ids, torch.Tensor) else []
+        if not ours:
             return kwargs
         procs = LogitsProcessorList(kwargs.get("logits_processor") or [])
-        procs.extend(answer_processors(self.layer, ids.shape[1]))
+        procs.extend(ours)
         return {**kwargs, "logits_processor": procs}
 
 

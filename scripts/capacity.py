@@ -109,7 +109,7 @@ def main() -> None:
         m, edit_s = write(facts, Path(args.state) / name, settings, args.resume, args.checkpoint_every)
         mem = m.memory
         if args.nonempty and not mem.end_ids:
-            mem.end_ids = tuple(end_token_ids(m.tok))
+            mem.end_ids = end_token_ids(m.tok)
         r = {"variant": name, "settings": settings, "edit_s_this_run": round(edit_s, 1), "n_shards": mem.n_shards,
              "nonempty_answers": bool(mem.end_ids),
              "bytes_per_edit": mem.weight.numel() * mem.weight.element_size() / max(mem.n_edits, 1),
