@@ -13,7 +13,8 @@ the file's own `subject`, or memoir's automatic one), then routed through the me
     same_subject   (records with `neighbour_subject`) another relation of an edited subject routes to some edit
 
 for the paper's mask rule (over tau) and the subject rule (over subject_tau) without and with the second
-stage (answer types, the encoder check at the memory's check_tau, both), from one set of features.
+stage (answer types, the encoder check at the memory's check_tau, both; and with the memory's untyped_tau),
+from one set of features.
 
     memoir eval-routing --data zsre --n 300
 """
@@ -48,15 +49,23 @@ def prompt_masks(m, texts: list[str], batch_size: int = 32, progress: bool = Tru
     return torch.cat(out)
 
 
-def variants(check_taus: tuple[float, ...]) -> dict[str, tuple[str, str, float | None, bool, str]]:
-    """name -> (rule, subject_check, check_tau, answer_type, columns) of the rules compared. Under free columns
-    a request takes its first candidate (no mask overlap), so those variants have one row whatever tau."""
-    out = {"mask": ("mask", "none", None, False, "shared"), "subject": ("subject", "none", None, False, "shared"),
-           "subject+type": ("subject", "none", None, True, "shared")}
+Variant = tuple[str, str, float | None, bool, str, float]  # rule, subject_check, check_tau, answer_type, columns, untyped_tau
+
+
+def variants(check_taus: tuple[float, ...], untyped_tau: float = 0.0) -> dict[str, Variant]:
+    """name -> (rule, subject_check, check_tau, answer_type, columns, untyped_tau) of the rules compared. Under free
+    columns a request takes its first candidate (no mask overlap), so those variants have one row whatever tau.
+    With untyped_tau > 0 each answer-type + encoder rule is also compared with it (a pair of questions of which
+    only one names a kind of answer needs that cosine)."""
+    out = {"mask": ("mask", "none", None, False, "shared", 0.0), "subject": ("subject", "none", None, False, "shared", 0.0),
+           "subject+type": ("subject", "none", None, True, "shared", 0.0)}
     for c in check_taus:
-        out[f"subject+encoder {c}"] = ("subject", "encoder", c, False, "shared")
-        out[f"subject+type+encoder {c}"] = ("subject", "encoder", c, True, "shared")
-        out[f"subject+type+encoder {c}, free columns"] = ("subject", "encoder", c, True, "free")
+        out[f"subject+encoder {c}"] = ("subject", "encoder", c, False, "shared", 0.0)
+        out[f"subject+type+encoder {c}"] = ("subject", "encoder", c, True, "shared", 0.0)
+        out[f"subject+type+encoder {c}, free columns"] = ("subject", "encoder", c, True, "free", 0.0)
+        if untyped_tau > 0:
+            out[f"subject+type+encoder {c}, untyped {untyped_tau}, free columns"] = (
+                "subject", "encoder", c, True, "free", untyped_tau)
     return out
 
 
@@ -97,8 +106,10 @@ def evaluate_routing(m, records: list[dict[str, Any]], n: int, subjects: str = "
                                "rules": {}}
     queries = {"para": (P, [t for _, t in para_recs]), "neighbours": (Nb, [prompt(r) for r in others]),
                "nq": (NQ, nq_texts), **{key: (M, extra[key]) for key, M in extra_masks.items()}}
-    for name, (rule, check, ctau, atype, columns) in variants(check_taus or (m.memory.check_tau,)).items():
+    for name, (rule, check, ctau, atype, columns, untyped) in variants(check_taus or (m.memory.check_tau,),
+                                                                       m.memory.untyped_tau).items():
         memory.rule, memory.subject_check, memory.answer_type, memory.columns = rule, check, atype, columns
+        memory.untyped_tau = untyped
         memory.check_tau = ctau if ctau is not None else memory.check_tau
         t1 = time.perf_counter()
         cands = {q: memory.candidates(texts) for q, (_, texts) in queries.items()}  # do not depend on tau

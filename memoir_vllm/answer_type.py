@@ -7,6 +7,7 @@ edit's candidate only if the two do not ask for different kinds of answer:
     answer_type("When was the Starry Night painted?")   # "time"
     answer_type("Which artist painted it?")             # None: no rule says (the encoder decides alone)
     same_answer_type("Who painted X?", "When was X painted?")   # False
+    one_kind_named("In which museum is X displayed?", "Who painted X?")   # True: such a pair needs untyped_tau
 
 The first rule that matches a whole phrase, in this order, gives the kind: time (when, what/which/in what year,
 date, century), person (who, whom, whose), place (where, what/which city, country, town, place), number (how many,
@@ -42,3 +43,9 @@ def same_answer_type(a: str, b: str) -> bool:
     """False only when both questions name a kind of answer and the kinds differ."""
     ka, kb = answer_type(a), answer_type(b)
     return ka is None or kb is None or ka == kb
+
+
+def one_kind_named(a: str, b: str) -> bool:
+    """True when exactly one of the two questions names a kind of answer: weaker agreement, which the subject
+    rule answers with a higher cosine (untyped_tau). one_kind_named("In which museum is X?", "Who painted X?")"""
+    return (answer_type(a) is None) != (answer_type(b) is None)

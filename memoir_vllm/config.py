@@ -84,6 +84,9 @@ class MemoirConfig:
                                   "edit prompt, the subject masked in both, >= check_tau) or none", SUBJECT_CHECKS)
     check_tau: float = _setting(0.6, "threshold of the encoder check (cosine in [-1, 1]; calibrated with "
                                 "answer_type on `memoir make-edits` same-subject questions, README Routing)")
+    untyped_tau: float = _setting(0.65, "encoder cosine a candidate needs when only one of the two questions names a "
+                                  "kind of answer (answer_type); the stricter of it and check_tau applies; 0: "
+                                  "check_tau alone (older stores). Measured in README Routing")
     answer_type: bool = _setting(True, "second stage of the subject rule: a candidate must also ask for the same kind "
                                  "of answer as the request (who / when / where / how many, from English wh-words; "
                                  "a question with none agrees with every kind); --no-answer-type: the cosine alone")
@@ -149,6 +152,9 @@ class MemoirConfig:
     retries: int = _setting(0, "when an edit ends with its loss above half its first loss (it diverged or stalled: "
                             "learning rates near the edge of stability), train it again from its state before the "
                             "edit at half the learning rate, at most this many times; 0: the reference")
+    exact_steps: int = _setting(0, "an edit stops only once greedy decoding of its prompt gives the target (every "
+                                "target token the teacher-forced argmax in its rows without a template), training up "
+                                "to this many steps beyond n_iter for it; 0: the loss rule alone (the reference)")
     stop_rule: str = _setting("reference", "early stop: reference (loss <= stop_loss and change <= stop_delta; the "
                               "paper's) or loss (loss <= stop_loss; ~1.6x faster, less interference at T=1000)",
                               STOP_RULES)
@@ -182,6 +188,8 @@ class MemoirConfig:
         if self.columns == "free" and self.routing != "subject":
             raise ValueError("columns='free' needs routing='subject': free columns are not a routing key, so the "
                              "mask rule cannot route by them; use routing='subject' or columns='shared'")
+        if self.exact_steps < 0:
+            raise ValueError(f"exact_steps={self.exact_steps} must be 0 (the reference) or a number of steps")
         if self.retries < 0:
             raise ValueError(f"retries={self.retries} must be 0 (the reference) or a number of retries")
         if self.n_iter < 1:
@@ -210,7 +218,7 @@ class MemoirConfig:
         return cls(**{"decay": "coupled", "routing": "mask", "subject_check": "none", "supersede": False,
                       "prompt_format": "raw", "answer_end": "none", "memory_start": "all", "mask_key": "none",
                       "answer_type": False, "columns": "shared", "chat_raw_rows": "plain", "nonempty_answers": False,
-                      "statement_rows": "none",
+                      "statement_rows": "none", "untyped_tau": 0.0,
                       **d})
 
 
@@ -219,7 +227,7 @@ class MemoirConfig:
 PRESETS: dict[str, dict[str, Any]] = {
     "reference": dict(tau=0.4, lr=1.0, n_iter=30, optimizer="sgd", grad_clip=1.0, fast=False, weight_decay=1e-5,
                       decay="coupled", routing="mask", supersede=False, prompt_format="raw", answer_end="none",
-                      memory_start="all", mask_key="none", answer_type=False, columns="shared",
+                      memory_start="all", mask_key="none", answer_type=False, untyped_tau=0.0, columns="shared",
                       template_decoding="model", nonempty_answers=False, statement_rows="none"),
     "llama3-8b": dict(layer=27, k=4096, tau=0.4, lr=1.0, n_iter=30),
     "gptj-6b": dict(layer=21, k=4096, tau=0.4, lr=1.0, n_iter=70),

@@ -119,7 +119,12 @@ def converged(losses: list[float], cfg: MemoirConfig) -> bool:
 def end_loss(step_fn) -> float:
     """The loss of an edit's rows after its last step (one forward, no gradient)."""
     with torch.no_grad():
-        return step_fn().item()
+        return step_fn()[0].item()
+
+
+def rows_exact(wrong: torch.Tensor) -> torch.Tensor:
+    """[R] bool from [R] counts of target tokens that are not the argmax: rows greedy decoding would reproduce."""
+    return wrong.detach() == 0
 
 
 def failed(losses: list[float]) -> bool:
@@ -235,16 +240,25 @@ class SequentialEditor:
         result.seconds = time.perf_counter() - t0
         return result
 
+    def plain_rows(self) -> list[int]:
+        """The rows of rows() without a template: what a user's request looks like (row 0, and in the chat format
+        the plain raw row after the chat rows); exact_steps checks them."""
+        return [0, 1 + len(self.templates)] if self.memory.marks is not None else [0]
+
     def _train(self, w: torch.Tensor, step_fn, lr: float) -> list[float]:
-        """Optimizer steps on the trained shard `w` until converged or n_iter; the loss before each step."""
+        """Optimizer steps on the trained shard `w` until converged or n_iter (and, with exact_steps, until the
+        plain rows are exact, up to exact_steps more); the loss before each step."""
         opt_cls = torch.optim.SGD if self.cfg.optimizer == "sgd" else torch.optim.Adam
         opt = opt_cls([w], lr=lr)  # decay is applied by decay_step
         losses: list[float] = []
-        for _ in range(self.cfg.n_iter):
-            if converged(losses, self.cfg):
+        plain = self.plain_rows()
+        exact = not self.cfg.exact_steps  # without exact_steps: the loss rule alone
+        for i in range(self.cfg.n_iter + self.cfg.exact_steps):
+            if exact and (converged(losses, self.cfg) or i >= self.cfg.n_iter):
                 break
             opt.zero_grad(set_to_none=True)
-            loss = step_fn()
+            loss, rows_ok = step_fn()
+            exact = not self.cfg.exact_steps or bool(rows_ok[plain].all())  # as of the weights before this step
             loss.backward()
             if self.cfg.grad_clip > 0:
                 torch.nn.utils.clip_grad_norm_([w], self.cfg.grad_clip)
@@ -272,10 +286,13 @@ class SequentialEditor:
 
         positions = self._memory_positions(batch)
 
-        def step() -> torch.Tensor:
+        pred, labels = batch.target_mask[:, 1:], batch.input_ids[:, 1:]
+
+        def step() -> tuple[torch.Tensor, torch.Tensor]:
             with training(self.layer, mask, shard, positions):
                 logits = self.model(input_ids=batch.input_ids, attention_mask=batch.attention_mask, use_cache=False).logits
-            return target_loss(logits, batch)
+            wrong = ((logits[:, :-1].argmax(-1) != labels) & pred).sum(1)
+            return target_loss(logits, batch), rows_exact(wrong)
 
         return step, mask_idx
 
@@ -319,7 +336,7 @@ class SequentialEditor:
         positions = self._memory_positions(batch)
         gate = positions.unsqueeze(-1).to(acts.dtype) if positions is not None else None  # [R, T, 1]
 
-        def step() -> torch.Tensor:
+        def step() -> tuple[torch.Tensor, torch.Tensor]:
             delta = self.memory.delta(acts, mask.expand(acts.shape[0], -1), shard)
             h = h_base + (delta if gate is None else delta * gate)
             for blk in blocks[li + 1 :]:
@@ -328,6 +345,7 @@ class SequentialEditor:
             logits = head(norm(h[:, :-1][pred]))  # [n, V]
             ce = F.cross_entropy(logits.float(), labels, reduction="none")  # [n]
             per_row = torch.zeros_like(n_target).index_add(0, row_of, ce)
-            return (per_row / (n_target + 1)).mean()
+            wrong = torch.zeros_like(n_target).index_add(0, row_of, (logits.argmax(-1) != labels).float())
+            return (per_row / (n_target + 1)).mean(), rows_exact(wrong)
 
         return step, mask_idx

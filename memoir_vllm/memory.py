@@ -35,7 +35,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .answer_type import same_answer_type
+from .answer_type import one_kind_named, same_answer_type
 from .chat import ChatMarks, routing_span
 from .index import MaskIndex, unpack_masks
 from .subjects import SubjectGate, mask_subject, normalize
@@ -133,6 +133,9 @@ class ResidualMemory(nn.Module):
             >= check_tau (encoder.py); "none" keeps every candidate.
         answer_type: keep a candidate only if it and the request do not ask for different kinds of answer
             (answer_type.py: who / when / where / how many); applies before the encoder check.
+        untyped_tau: with answer_type and the encoder check, the cosine a candidate needs when only one of the two
+            questions names a kind of answer ("In which museum is X?" against "Who painted X?"); the stricter of it
+            and check_tau applies; 0: check_tau alone.
         marks: the chat template's marks when edits were made in the chat format (prompts then route from
             their last user message's content: chat.routing_span); None routes every prompt from all its tokens.
         mask_key: "subject" (with the subject rule): each edit's mask is its TopHash relabelled by a key drawn
@@ -167,6 +170,7 @@ class ResidualMemory(nn.Module):
         memory_start: str = "all",
         mask_key: str = "none",
         answer_type: bool = False,
+        untyped_tau: float = 0.0,
         columns: str = "shared",
         end_ids: tuple[int, ...] = (),
     ) -> None:
@@ -202,7 +206,7 @@ class ResidualMemory(nn.Module):
             raise ValueError(f"subject_check {subject_check!r}: use 'encoder' or 'none'")
         self.rule, self.subject_tau = rule, subject_tau
         self.subject_check, self.check_tau = subject_check, check_tau
-        self.answer_type = answer_type
+        self.answer_type, self.untyped_tau = answer_type, untyped_tau
         self.subjects = SubjectGate()  # row i: the aliases of edit i (kept in step by state.MemoryState)
 
     @property
@@ -334,8 +338,10 @@ class ResidualMemory(nn.Module):
     def candidate_scores(self, texts: list[str], min_cos: float | None = None) -> list[list[tuple[int, float | None]]]:
         """Per text, the (row, cosine) of its candidates in decision order: the active rows whose subject it
         names, newest first; with the encoder check only those with cosine >= min_cos (default check_tau), best cosine
-        first (cosine None without the check)."""
+        first (cosine None without the check). With answer_type, a candidate whose prompt and the text do not both
+        name a kind of answer needs the stricter of min_cos and untyped_tau."""
         min_cos = self.check_tau if min_cos is None else min_cos
+        untyped_cos = max(min_cos, self.untyped_tau) if self.answer_type else min_cos
         gate = self.subjects
         rows = [self._active(gate.rows_in(t)) for t in texts]
         if not self.answer_type and self.subject_check != "encoder":
@@ -355,8 +361,9 @@ class ResidualMemory(nn.Module):
         vec = dict(zip(flat, sentence_encoder()(flat))) if flat else {}
         out = []
         for rs, ms in zip(rows, masked):
-            scored = [(r, float(gate.vectors[r] @ vec[m])) for r, m in zip(rs, ms)]
-            kept = [(r, round(c, 4)) for r, c in scored if c >= min_cos]
+            scored = [(r, float(gate.vectors[r] @ vec[m]), one_kind_named(m, gate.masked_prompt(r)))
+                      for r, m in zip(rs, ms)]
+            kept = [(r, round(c, 4)) for r, c, untyped in scored if c >= (untyped_cos if untyped else min_cos)]
             out.append(sorted(kept, key=lambda rc: -rc[1]))  # stable: equal cosines stay newest first
         return out
 
@@ -494,7 +501,8 @@ class ResidualMemory(nn.Module):
         fresh = ResidualMemory(self.d_model, self.d_inner, self.k, self.tau, self.seed, self.feature,
                                n_shards=self.n_shards if n_shards is None else n_shards, dtype=self.weight.dtype,
                                rule=self.rule, subject_tau=self.subject_tau, subject_check=self.subject_check,
-                               check_tau=self.check_tau, answer_type=self.answer_type, marks=self.marks,
+                               check_tau=self.check_tau, answer_type=self.answer_type, untyped_tau=self.untyped_tau,
+                               marks=self.marks,
                                memory_start=self.memory_start, mask_key=self.mask_key, columns=self.columns,
                                end_ids=self.end_ids)
         fresh.background.copy_(self.background)
@@ -510,7 +518,7 @@ def empty_memory(d_model: int, d_inner: int, cfg, n_shards: int = 1, dtype: torc
         raise ValueError("prompt_format='chat' needs the tokenizer's chat marks (chat.chat_marks(tok))")
     return ResidualMemory(d_model, d_inner, cfg.k, cfg.tau, cfg.seed, cfg.feature, n_shards=n_shards, dtype=dtype,
                           rule=cfg.routing, subject_tau=cfg.subject_tau, subject_check=cfg.subject_check,
-                          check_tau=cfg.check_tau, answer_type=cfg.answer_type,
+                          check_tau=cfg.check_tau, answer_type=cfg.answer_type, untyped_tau=cfg.untyped_tau,
                           marks=marks if cfg.prompt_format == "chat" else None, memory_start=cfg.memory_start,
                           mask_key=cfg.mask_key, columns=cfg.columns,
                           end_ids=end_ids if cfg.nonempty_answers else ())

@@ -6,7 +6,8 @@ Each item is an edit question about a real subject, a paraphrase of it and a que
 the same subject, written for this check (not from `memoir make-edits`, whose questions calibrate check_tau).
 Every edit is stored in one memory under the subject rule (masks play no part: this is the candidate stage,
 ResidualMemory.candidate_scores); reported per check_tau, with and without answer types: the share of
-paraphrases that keep their edit as a candidate and the share of other-relation questions that do.
+paraphrases that keep their edit as a candidate and the share of other-relation questions that do; with answer
+types also per --untyped-taus (the cosine a pair needs when only one of its questions names a kind of answer).
 Saves runs/second_stage_heldout.json.
 """
 from __future__ import annotations
@@ -67,10 +68,10 @@ QUESTIONS = [
     ("Spotify", "In which country was Spotify founded?", "Spotify was founded in what country?", "Who is the CEO of Spotify?"),
 ]
 
-def kept(answer_type: bool, check_tau: float) -> dict[str, float]:
+def kept(answer_type: bool, check_tau: float, untyped_tau: float = 0.0) -> dict[str, float]:
     """Share of paraphrases / other-relation questions whose own edit stays a candidate."""
     mem = ResidualMemory(8, 16, 4, rule="subject", subject_check="encoder", check_tau=check_tau,
-                         answer_type=answer_type)
+                         answer_type=answer_type, untyped_tau=untyped_tau)
     for subject, edit, _, _ in QUESTIONS:
         mem.add_edit(torch.arange(4))  # a mask for the index; the candidate stage does not read it
         mem.subjects.add([subject], edit)
@@ -84,12 +85,16 @@ def kept(answer_type: bool, check_tau: float) -> dict[str, float]:
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--check-taus", type=float, nargs="+", default=[0.55, 0.6, 0.65, 0.7])
+    p.add_argument("--untyped-taus", type=float, nargs="+", default=[0.0, 0.7],
+                   help="cosines needed when only one question names a kind of answer (with answer types; 0: off)")
     p.add_argument("--out", default="runs/second_stage_heldout.json")
     args = p.parse_args()
-    rows = [dict(check_tau=c, answer_type=t, **kept(t, c)) for c in args.check_taus for t in (False, True)]
-    print("| check_tau | answer types | paraphrases kept | other relation kept |\n|---|---|---|---|")
+    settings = [(False, 0.0)] + [(True, u) for u in args.untyped_taus]
+    rows = [dict(check_tau=c, answer_type=t, untyped_tau=u, **kept(t, c, u)) for c in args.check_taus for t, u in settings]
+    print("| check_tau | answer types | untyped_tau | paraphrases kept | other relation kept |\n|---|---|---|---|---|")
     for r in rows:
-        print(f"| {r['check_tau']} | {'yes' if r['answer_type'] else 'no'} | {r['paraphrase']:.3f} | {r['other_relation']:.3f} |")
+        print(f"| {r['check_tau']} | {'yes' if r['answer_type'] else 'no'} | {r['untyped_tau'] or '-'} "
+              f"| {r['paraphrase']:.3f} | {r['other_relation']:.3f} |")
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps({"n": len(QUESTIONS), "rows": rows}, indent=1))
     print(f"results: {args.out}")

@@ -3,7 +3,8 @@ memory's one rule (ResidualMemory.candidates / decide_masks), on hand-made masks
 import pytest
 import torch
 
-from memoir_vllm.answer_type import answer_type, same_answer_type
+from memoir_vllm.answer_type import answer_type, one_kind_named, same_answer_type
+from memoir_vllm.config import MemoirConfig
 from memoir_vllm.memory import ResidualMemory
 from memoir_vllm.subjects import SubjectGate, as_aliases, auto_subject, normalize
 from memoir_vllm.tophash import indices_to_mask
@@ -89,6 +90,23 @@ def test_answer_type_keeps_only_candidates_that_ask_for_the_same_kind_of_answer(
     assert same_answer_type("Who painted X?", "Which artist painted X?")
 
 
+def test_a_question_that_names_no_kind_of_answer_needs_untyped_tau_against_one_that_does():
+    """"In which museum ...?" names no kind, so answer types let "Who painted ...?" through; the encoder's
+    cosine passes check_tau .6 (.60) but not untyped_tau (.65, the default), while "In what year ...?" (.67) and a
+    paraphrase (.87) pass both."""
+    asked = ["Who painted The Starry Night?", "In what year was The Starry Night painted?",
+             "The Starry Night hangs in which museum?"]
+    assert [one_kind_named(q, "In which museum is X displayed?") for q in asked] == [True, True, False]
+    kept = {}
+    for untyped_tau in (0.0, MemoirConfig().untyped_tau):
+        mem = ResidualMemory(8, 16, 4, rule="subject", subject_check="encoder", check_tau=0.6, answer_type=True,
+                             untyped_tau=untyped_tau)
+        mem.index.add(indices_to_mask(torch.tensor([[0, 1, 2, 3]]), 16), torch.arange(1))
+        mem.subjects.add(["The Starry Night"], "In which museum is The Starry Night displayed?")
+        kept[untyped_tau] = [[round(c, 2) for _, c in s] for s in mem.candidate_scores(asked)]
+    assert kept == {0.0: [[0.6], [0.67], [0.87]], 0.65: [[], [0.67], [0.87]]}
+
+
 def _memory(rule: str, masks: list[list[int]], subjects: list[str], d: int = 16, k: int = 4) -> ResidualMemory:
     mem = ResidualMemory(8, d, k, tau=0.5, rule=rule, subject_tau=0.5)
     mem.index.add(indices_to_mask(torch.tensor(masks), d), torch.arange(len(masks)))
@@ -159,7 +177,8 @@ def test_subjects_are_stored_and_route_after_loading(subject_store):
     assert pq.read_table(path / "edits.parquet").to_pydict()["subject"] == [["Norway"], ["Lionel Messi", "Messi"]]
     manifest = read_manifest(path)
     assert manifest["format_version"] == 2 and manifest["routing"] == {
-        "rule": "subject", "subject_tau": 0.3, "subject_check": "encoder", "check_tau": 0.6, "answer_type": True}
+        "rule": "subject", "subject_tau": 0.3, "subject_check": "encoder", "check_tau": 0.6, "answer_type": True,
+        "untyped_tau": 0.65}
     mem = load_snapshot(path).memory
     assert mem.rule == "subject"
     asked = ["Where does Lionel Messi play?", "Which city is the capital of Norway?", "The capital of Portugal is",
