@@ -94,7 +94,7 @@ def test_disabled_edit_routes_to_base_model(edited, tmp_path):
 
 
 def test_fast_editor_follows_the_reference_loss_within_1e4(default_model_dir, zsre_records):
-    m = Memoir.create("default", n_iter=6, stop_rule="reference", retries=0)  # six steps each, no retry
+    m = Memoir.create("default", n_iter=6, stop_rule="reference", retries=0, exact_steps=0)  # six steps each
     r = zsre_records[1]
     trajectories = {}
     for fast in (False, True):
@@ -129,19 +129,34 @@ def test_early_stop_rules():
 def test_a_failed_edit_is_trained_again_from_its_state_before_at_half_the_lr():
     # lr 1e4 is far past the edge of stability: three steps end above half the first loss, so the edit is
     # retried from the memory as it was before it (the same first loss) at lr 5e3, which converges enough
-    m = Memoir.create("default", n_iter=3, lr=1e4, retries=2, prompt_format="raw")  # the golden: raw rows
+    m = Memoir.create("default", n_iter=3, lr=1e4, retries=2, prompt_format="raw", exact_steps=0)  # golden: raw rows
     losses = m.editor.edit("What is the capital city of Norway?", "Bergen").losses
     assert len(losses) == 6 and losses[3] == pytest.approx(losses[0], abs=1e-6)
     assert losses[2] > 0.5 * losses[0] and losses[5] < 0.5 * losses[0]
     assert losses == pytest.approx([3.754, 3.578, 4.558, 3.754, 4.374, 1.227], abs=2e-3)
-    once = Memoir.create("default", n_iter=3, lr=1e4, retries=0, prompt_format="raw")  # the failed edit is kept
+    once = Memoir.create("default", n_iter=3, lr=1e4, retries=0, prompt_format="raw", exact_steps=0)  # kept as failed
     assert once.editor.edit("What is the capital city of Norway?", "Bergen").losses == pytest.approx(losses[:3], abs=1e-5)
+
+
+def test_exact_steps_trains_an_edit_until_greedy_decoding_gives_its_target():
+    # synthetic fact 424 alone, raw rows: the loss rule runs its 30 steps (loss .18) and the answer is " )"; with
+    # exact_steps the edit goes on until every target token of its plain row is the argmax (39 steps) and answers
+    from memoir_eval.synthetic import make_edits
+
+    fact = make_edits(425, 0)[424]
+    assert (fact["prompt"], fact["target"]) == ("When was The Teikox Garden painted?", "1868")
+    steps, answers = {}, {}
+    for exact_steps in (0, 30):
+        m = Memoir.create("default", prompt_format="raw", exact_steps=exact_steps)
+        steps[exact_steps] = m.edit(fact["prompt"], fact["target"], subject=fact["subject"]).steps
+        answers[exact_steps] = m.ask([fact["prompt"]], max_new_tokens=8, chat=False)[0].answer
+    assert steps == {0: 30, 30: 39} and answers == {0: " )", 30: " 1868."}
 
 
 def test_when_every_attempt_fails_the_edit_keeps_the_one_that_ended_lowest():
     # lr 5e4, two steps: the first attempt ends at loss 7.92, its retry at lr 2.5e4 at 8.75 (both above half the
     # first loss): the memory keeps the first attempt's weights, not the last's
-    runs = {r: Memoir.create("default", n_iter=2, lr=5e4, retries=r, prompt_format="raw") for r in (0, 1)}
+    runs = {r: Memoir.create("default", n_iter=2, lr=5e4, retries=r, prompt_format="raw", exact_steps=0) for r in (0, 1)}
     for m in runs.values():
         m.editor.edit("What is the capital city of Norway?", "Bergen")
     assert torch.equal(runs[1].memory.weight, runs[0].memory.weight)

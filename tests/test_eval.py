@@ -139,7 +139,7 @@ def test_loaders_on_benchmark_files(zsre_path):
 def evaluator(default_model_dir, zsre_path):
     from memoir_eval.protocol import Evaluator
 
-    return Evaluator("default", settings=dict(n_iter=3), batch_size=8)
+    return Evaluator("default", settings=dict(n_iter=3, exact_steps=0), batch_size=8)  # three steps: fast
 
 
 @pytest.mark.model
@@ -170,7 +170,7 @@ def test_a_chat_format_memory_is_also_scored_as_chat_requests(default_model_dir,
     from memoir_eval.protocol import Evaluator
     from memoir_eval.runner import run_eval
 
-    ev = Evaluator("default", settings=dict(n_iter=3, prompt_format="chat"), batch_size=8)
+    ev = Evaluator("default", settings=dict(n_iter=3, exact_steps=0, prompt_format="chat"), batch_size=8)
     res = run_eval("default", "zsre", [1], tmp_path, limit=1, evaluator=ev, progress=False)
     m = res["runs"]["1"]["metrics"]
     for key in ("chat_rel", "chat_gen", "chat_rel_answer", "chat_gen_answer", "chat_rel_repeats"):
@@ -243,7 +243,7 @@ def test_lm_eval_pack_agrees_with_memoir_eval(evaluator, tmp_path, monkeypatch):
     from memoir_vllm.session import Memoir
 
     records = load_records("zsre", limit=2)
-    m = Memoir.create("default", n_iter=3, routing="mask")  # tau 0 routes every prompt only under the mask rule
+    m = Memoir.create("default", n_iter=3, exact_steps=0, routing="mask")  # tau 0 routes every prompt only under the mask rule
     for r in records:
         m.edit(r.prompt, r.target)
     snap = m.save(tmp_path / "snap")
