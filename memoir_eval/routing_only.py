@@ -49,7 +49,8 @@ def prompt_masks(m, texts: list[str], batch_size: int = 32, progress: bool = Tru
     return torch.cat(out)
 
 
-Variant = tuple[str, str, float | None, bool, str, float]  # rule, subject_check, check_tau, answer_type, columns, untyped_tau
+# rule, subject_check, check_tau, answer_type, columns, untyped_tau
+Variant = tuple[str, str, float | None, bool, str, float]
 
 
 def variants(check_taus: tuple[float, ...], untyped_tau: float = 0.0) -> dict[str, Variant]:
@@ -57,7 +58,8 @@ def variants(check_taus: tuple[float, ...], untyped_tau: float = 0.0) -> dict[st
     columns a request takes its first candidate (no mask overlap), so those variants have one row whatever tau.
     With untyped_tau > 0 each answer-type + encoder rule is also compared with it (a pair of questions of which
     only one names a kind of answer needs that cosine)."""
-    out = {"mask": ("mask", "none", None, False, "shared", 0.0), "subject": ("subject", "none", None, False, "shared", 0.0),
+    out = {"mask": ("mask", "none", None, False, "shared", 0.0),
+           "subject": ("subject", "none", None, False, "shared", 0.0),
            "subject+type": ("subject", "none", None, True, "shared", 0.0)}
     for c in check_taus:
         out[f"subject+encoder {c}"] = ("subject", "encoder", c, False, "shared", 0.0)

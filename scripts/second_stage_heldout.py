@@ -90,7 +90,8 @@ def main() -> None:
     p.add_argument("--out", default="runs/second_stage_heldout.json")
     args = p.parse_args()
     settings = [(False, 0.0)] + [(True, u) for u in args.untyped_taus]
-    rows = [dict(check_tau=c, answer_type=t, untyped_tau=u, **kept(t, c, u)) for c in args.check_taus for t, u in settings]
+    rows = [dict(check_tau=c, answer_type=t, untyped_tau=u, **kept(t, c, u))
+            for c in args.check_taus for t, u in settings]
     print("| check_tau | answer types | untyped_tau | paraphrases kept | other relation kept |\n|---|---|---|---|---|")
     for r in rows:
         print(f"| {r['check_tau']} | {'yes' if r['answer_type'] else 'no'} | {r['untyped_tau'] or '-'} "

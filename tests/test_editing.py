@@ -156,7 +156,8 @@ def test_exact_steps_trains_an_edit_until_greedy_decoding_gives_its_target():
 def test_when_every_attempt_fails_the_edit_keeps_the_one_that_ended_lowest():
     # lr 5e4, two steps: the first attempt ends at loss 7.92, its retry at lr 2.5e4 at 8.75 (both above half the
     # first loss): the memory keeps the first attempt's weights, not the last's
-    runs = {r: Memoir.create("default", n_iter=2, lr=5e4, retries=r, prompt_format="raw", exact_steps=0) for r in (0, 1)}
+    runs = {r: Memoir.create("default", n_iter=2, lr=5e4, retries=r, prompt_format="raw", exact_steps=0)
+            for r in (0, 1)}
     for m in runs.values():
         m.editor.edit("What is the capital city of Norway?", "Bergen")
     assert torch.equal(runs[1].memory.weight, runs[0].memory.weight)

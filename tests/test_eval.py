@@ -243,7 +243,8 @@ def test_lm_eval_pack_agrees_with_memoir_eval(evaluator, tmp_path, monkeypatch):
     from memoir_vllm.session import Memoir
 
     records = load_records("zsre", limit=2)
-    m = Memoir.create("default", n_iter=3, exact_steps=0, routing="mask")  # tau 0 routes every prompt only under the mask rule
+    # tau 0 routes every prompt only under the mask rule
+    m = Memoir.create("default", n_iter=3, exact_steps=0, routing="mask")
     for r in records:
         m.edit(r.prompt, r.target)
     snap = m.save(tmp_path / "snap")
