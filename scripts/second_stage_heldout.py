@@ -85,7 +85,7 @@ def kept(answer_type: bool, check_tau: float, untyped_tau: float = 0.0) -> dict[
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--check-taus", type=float, nargs="+", default=[0.55, 0.6, 0.65, 0.7])
-    p.add_argument("--untyped-taus", type=float, nargs="+", default=[0.0, 0.7],
+    p.add_argument("--untyped-taus", type=float, nargs="+", default=[0.0, 0.65, 0.7],
                    help="cosines needed when only one question names a kind of answer (with answer types; 0: off)")
     p.add_argument("--out", default="runs/second_stage_heldout.json")
     args = p.parse_args()
