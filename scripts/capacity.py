@@ -28,8 +28,8 @@ import torch
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from memoir_eval.age import by_shard_position, full_shards, in_blocks  # noqa: E402
-from memoir_eval.metrics import answer_match  # noqa: E402
+from memoir_eval.age import full_shards  # noqa: E402
+from memoir_eval.greedy import answers_by_kind  # noqa: E402
 from memoir_eval.synthetic import make_edits  # noqa: E402
 from memoir_vllm.edits import EditRequest  # noqa: E402
 from memoir_vllm.session import Memoir  # noqa: E402
@@ -71,15 +71,7 @@ def write(facts: list[dict], store: Path, settings: dict, resume: bool, every: i
 
 
 def measure(m: Memoir, facts: list[dict], block: int, max_new_tokens: int) -> dict:
-    out: dict = {}
-    shards = m.memory.index.shards.tolist()
-    for kind, field in (("edited", "prompt"), ("paraphrase", "rephrase"), ("cloze", "cloze")):
-        answers = m.ask([f[field] for f in facts], max_new_tokens=max_new_tokens)
-        ok = [answer_match(a.answer, f["target"]) for a, f in zip(answers, facts)]
-        out[kind] = sum(ok) / len(ok)
-        out[f"{kind}_routed"] = sum(a.edit_id == i for i, a in enumerate(answers)) / len(answers)  # to its own edit
-        out[f"{kind}_by_age"] = in_blocks(ok, block)
-        out[f"{kind}_by_shard_position"] = by_shard_position(ok, shards)
+    out = answers_by_kind(m, facts, block, max_new_tokens)
     for name, field in UNCHANGED.items():
         answers = m.ask([f[field] for f in facts], max_new_tokens=max_new_tokens)
         out[name] = sum(a.answer == a.base_answer for a in answers) / len(answers)

@@ -26,9 +26,9 @@ import torch
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from memoir_eval.age import by_shard_position, full_shards, in_blocks  # noqa: E402
+from memoir_eval.age import full_shards  # noqa: E402
 from memoir_eval.data import load_records  # noqa: E402
-from memoir_eval.metrics import answer_match  # noqa: E402
+from memoir_eval.greedy import answers_by_kind  # noqa: E402
 from memoir_eval.synthetic import make_edits  # noqa: E402
 from memoir_vllm.session import Memoir  # noqa: E402
 from memoir_vllm.tokens import end_token_ids  # noqa: E402
@@ -41,24 +41,6 @@ def facts_of(data: str, n: int, seed: int) -> list[dict]:
         return [{"prompt": f["prompt"], "target": f["target"], "rephrase": f["rephrase"], "cloze": f["cloze"]}
                 for f in make_edits(n, seed)]
     return [{"prompt": r.prompt, "target": r.target, "rephrase": r.rephrase} for r in load_records(data, limit=n)]
-
-
-def answers(m: Memoir, facts: list[dict], chat: bool, max_new_tokens: int, block: int) -> dict:
-    out = {}
-    shards = m.memory.index.shards.tolist()
-    for kind, field in (("edited", "prompt"), ("paraphrase", "rephrase"), ("cloze", "cloze")):
-        rows = [(i, f) for i, f in enumerate(facts) if f.get(field)]
-        if not rows:
-            continue
-        got = m.ask([f[field] for _, f in rows], max_new_tokens=max_new_tokens, chat=chat)
-        n = len(rows)
-        ok = [answer_match(a.answer, f["target"]) for a, (_, f) in zip(got, rows)]
-        out[kind] = sum(ok) / n
-        out[f"{kind}_by_age"] = in_blocks(ok, block)
-        out[f"{kind}_by_shard_position"] = by_shard_position(ok, [shards[i] for i, _ in rows])
-        out[f"{kind}_empty"] = sum(not a.answer.strip() for a in got) / n
-        out[f"{kind}_routed"] = sum(a.edit_id == i for a, (i, _) in zip(got, rows)) / n
-    return out
 
 
 def main() -> None:
@@ -85,7 +67,7 @@ def main() -> None:
     for form in args.forms:
         for name, end_ids in (("any first token", ()), ("nonempty_answers", ends)):
             m.memory.end_ids = end_ids
-            r = {"form": form, "setting": name, **answers(m, facts, form == "chat", args.max_new_tokens, args.block)}
+            r = {"form": form, "setting": name, **answers_by_kind(m, facts, args.block, args.max_new_tokens, chat=form == "chat")}
             log.info("%s", r)
             runs.append(r)
     result = {"store": str(args.store), "data": args.data, "n": len(facts), "runs": runs}

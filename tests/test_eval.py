@@ -63,6 +63,23 @@ def test_share_by_position_in_shard_over_full_shards():
     assert by_shard_position([], [])["mean"] is None
 
 
+def test_answers_by_kind_asks_each_request_of_its_own_edit(tiny_model_dir):
+    """Two edits of a random 2-block model: each edit prompt and the one paraphrase route to their own edit; a kind
+    of request no fact has (statements here) is left out of the report."""
+    from memoir_eval.greedy import answers_by_kind
+    from memoir_vllm.session import Memoir
+
+    m = Memoir.create(tiny_model_dir, n_iter=2)
+    facts = [{"prompt": "The capital of Norway is", "target": "Bergen", "rephrase": "Norway's capital city is"},
+             {"prompt": "Lionel Messi plays for", "target": "Ajax"}]
+    for f in facts:
+        m.edit(f["prompt"], f["target"])
+    got = answers_by_kind(m, facts, block=1, max_new_tokens=3)
+    assert "cloze" not in got and len(got["edited_by_age"]) == 2 and len(got["paraphrase_by_age"]) == 1
+    assert got["edited_routed"] == got["paraphrase_routed"] == 1.0
+    assert got["edited_by_shard_position"]["per_shard"] == 2 and 0.0 <= got["edited"] <= 1.0
+
+
 def test_rel_by_age_blocks_oldest_first_and_conflicts_apart(tmp_path):
     from memoir_eval.age import age_markdown, by_age, conflict_split, edited_again, plot_by_age
     from memoir_eval.data import EvalRecord
