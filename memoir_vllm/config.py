@@ -152,6 +152,9 @@ class MemoirConfig:
     retries: int = _setting(0, "when an edit ends with its loss above half its first loss (it diverged or stalled: "
                             "learning rates near the edge of stability), train it again from its state before the "
                             "edit at half the learning rate, at most this many times; 0: the reference")
+    plain_weight: float = _setting(0.0, "weight of an edit's rows without a template (what a request looks like) in "
+                                   "its loss, added to the mean over all its rows: 1 makes them count as much as "
+                                   "the eleven rows together; 0: the reference's mean")
     exact_steps: int = _setting(0, "an edit stops only once greedy decoding of its prompt gives the target (every "
                                 "target token the teacher-forced argmax in its rows without a template), training up "
                                 "to this many steps beyond n_iter for it; 0: the loss rule alone (the reference)")
@@ -188,6 +191,8 @@ class MemoirConfig:
         if self.columns == "free" and self.routing != "subject":
             raise ValueError("columns='free' needs routing='subject': free columns are not a routing key, so the "
                              "mask rule cannot route by them; use routing='subject' or columns='shared'")
+        if self.plain_weight < 0:
+            raise ValueError(f"plain_weight={self.plain_weight} must be >= 0 (0: the reference's mean over rows)")
         if self.exact_steps < 0:
             raise ValueError(f"exact_steps={self.exact_steps} must be 0 (the reference) or a number of steps")
         if self.retries < 0:

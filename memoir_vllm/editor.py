@@ -93,17 +93,26 @@ class EditResult:
         return len(self.losses)
 
 
-def target_loss(logits: torch.Tensor, batch: PairBatch) -> torch.Tensor:
-    """Reference loss: per row, summed CE on target tokens / (n_target + 1); mean over rows.
-
-    logits [B, T, V] predict token t+1 at position t.
-    """
+def row_losses(logits: torch.Tensor, batch: PairBatch) -> torch.Tensor:
+    """[B]: per row, summed CE on target tokens / (n_target + 1). logits [B, T, V] predict token t+1 at position t."""
     labels = batch.input_ids[:, 1:]  # [B, T-1]
     tmask = batch.target_mask[:, 1:].float()  # [B, T-1]
     v = logits.shape[-1]
     # the [N, V] layout: CE over a transposed [B, V, T] view is off by up to 3e-4 on CPU
     ce = F.cross_entropy(logits[:, :-1].reshape(-1, v).float(), labels.reshape(-1), reduction="none").view(labels.shape)
-    return ((ce * tmask).sum(1) / (tmask.sum(1) + 1)).mean()
+    return (ce * tmask).sum(1) / (tmask.sum(1) + 1)
+
+
+def target_loss(logits: torch.Tensor, batch: PairBatch) -> torch.Tensor:
+    """Reference loss: row_losses' mean over rows."""
+    return row_losses(logits, batch).mean()
+
+
+def edit_loss(per_row: torch.Tensor, plain: list[int], plain_weight: float) -> torch.Tensor:
+    """The loss an edit trains: the mean over its rows (the reference), plus plain_weight times the mean over its
+    rows without a template. edit_loss(tensor([1., 3.]), [0], 1.0) == 2 + 1"""
+    loss = per_row.mean()
+    return loss + plain_weight * per_row[plain].mean() if plain_weight else loss
 
 
 def converged(losses: list[float], cfg: MemoirConfig) -> bool:
@@ -287,12 +296,13 @@ class SequentialEditor:
         positions = self._memory_positions(batch)
 
         pred, labels = batch.target_mask[:, 1:], batch.input_ids[:, 1:]
+        plain = self.plain_rows()
 
         def step() -> tuple[torch.Tensor, torch.Tensor]:
             with training(self.layer, mask, shard, positions):
                 logits = self.model(input_ids=batch.input_ids, attention_mask=batch.attention_mask, use_cache=False).logits
             wrong = ((logits[:, :-1].argmax(-1) != labels) & pred).sum(1)
-            return target_loss(logits, batch), rows_exact(wrong)
+            return edit_loss(row_losses(logits, batch), plain, self.cfg.plain_weight), rows_exact(wrong)
 
         return step, mask_idx
 
@@ -335,6 +345,7 @@ class SequentialEditor:
 
         positions = self._memory_positions(batch)
         gate = positions.unsqueeze(-1).to(acts.dtype) if positions is not None else None  # [R, T, 1]
+        plain = self.plain_rows()
 
         def step() -> tuple[torch.Tensor, torch.Tensor]:
             delta = self.memory.delta(acts, mask.expand(acts.shape[0], -1), shard)
@@ -346,6 +357,6 @@ class SequentialEditor:
             ce = F.cross_entropy(logits.float(), labels, reduction="none")  # [n]
             per_row = torch.zeros_like(n_target).index_add(0, row_of, ce)
             wrong = torch.zeros_like(n_target).index_add(0, row_of, (logits.argmax(-1) != labels).float())
-            return (per_row / (n_target + 1)).mean(), rows_exact(wrong)
+            return edit_loss(per_row / (n_target + 1), plain, self.cfg.plain_weight), rows_exact(wrong)
 
         return step, mask_idx

@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from memoir_vllm.config import MemoirConfig
-from memoir_vllm.editor import converged, target_loss
+from memoir_vllm.editor import converged, edit_loss, target_loss
 from memoir_vllm.hf import routed
 from memoir_vllm.inference import generate, score
 from memoir_vllm.session import Memoir
@@ -113,6 +113,9 @@ def test_reference_loss_normalises_by_n_target_plus_one():
         torch.tensor([[True, False, False]]),
     )
     assert target_loss(logits, b).item() == pytest.approx(2 * torch.log(torch.tensor(4.0)).item() / 3)
+    # plain_weight adds the mean over the rows without a template (here row 0) to the mean over all rows
+    assert edit_loss(torch.tensor([1.0, 3.0, 5.0]), [0], 0.0).item() == 3.0
+    assert edit_loss(torch.tensor([1.0, 3.0, 5.0]), [0], 2.0).item() == 3.0 + 2 * 1.0
 
 
 
@@ -138,19 +141,21 @@ def test_a_failed_edit_is_trained_again_from_its_state_before_at_half_the_lr():
     assert once.editor.edit("What is the capital city of Norway?", "Bergen").losses == pytest.approx(losses[:3], abs=1e-5)
 
 
-def test_exact_steps_trains_an_edit_until_greedy_decoding_gives_its_target():
-    # synthetic fact 424 alone, raw rows: the loss rule runs its 30 steps (loss .18) and the answer is " )"; with
-    # exact_steps the edit goes on until every target token of its plain row is the argmax (39 steps) and answers
+def test_an_edit_that_the_loss_rule_leaves_wrong_answers_with_exact_steps_or_plain_weight():
+    # synthetic fact 424 alone, raw rows: the loss rule runs its 30 steps (loss .18, a mean over eleven rows) and the
+    # answer is " )"; with exact_steps the edit goes on until every target token of its plain row is the argmax (39
+    # steps); with plain_weight 1 the plain row weighs as much as all rows, and 30 steps answer
     from memoir_eval.synthetic import make_edits
 
     fact = make_edits(425, 0)[424]
     assert (fact["prompt"], fact["target"]) == ("When was The Teikox Garden painted?", "1868")
     steps, answers = {}, {}
-    for exact_steps in (0, 30):
-        m = Memoir.create("default", prompt_format="raw", exact_steps=exact_steps)
-        steps[exact_steps] = m.edit(fact["prompt"], fact["target"], subject=fact["subject"]).steps
-        answers[exact_steps] = m.ask([fact["prompt"]], max_new_tokens=8, chat=False)[0].answer
-    assert steps == {0: 30, 30: 39} and answers == {0: " )", 30: " 1868."}
+    for exact_steps, plain_weight in ((0, 0.0), (30, 0.0), (0, 1.0)):
+        m = Memoir.create("default", prompt_format="raw", exact_steps=exact_steps, plain_weight=plain_weight)
+        steps[exact_steps, plain_weight] = m.edit(fact["prompt"], fact["target"], subject=fact["subject"]).steps
+        answers[exact_steps, plain_weight] = m.ask([fact["prompt"]], max_new_tokens=8, chat=False)[0].answer
+    assert steps == {(0, 0.0): 30, (30, 0.0): 39, (0, 1.0): 30}
+    assert answers == {(0, 0.0): " )", (30, 0.0): " 1868.", (0, 1.0): " 1868."}
 
 
 def test_when_every_attempt_fails_the_edit_keeps_the_one_that_ended_lowest():
