@@ -8,6 +8,7 @@ edit's candidate only if the two do not ask for different kinds of answer:
     answer_type("Which artist painted it?")             # None: no rule says (the encoder decides alone)
     same_answer_type("Who painted X?", "When was X painted?")   # False
     one_kind_named("In which museum is X displayed?", "Who painted X?")   # True: such a pair needs untyped_tau
+    needed_cosine("In which museum is X displayed?", "Who painted X?", 0.6, 0.65)   # 0.65
 
 The first rule that matches a whole phrase, in this order, gives the kind: time (when, what/which/in what year,
 date, century), person (who, whom, whose), place (where, what/which city, country, town, place), number (how many,
@@ -49,3 +50,9 @@ def one_kind_named(a: str, b: str) -> bool:
     """True when exactly one of the two questions names a kind of answer: weaker agreement, which the subject
     rule answers with a higher cosine (untyped_tau). one_kind_named("In which museum is X?", "Who painted X?")"""
     return (answer_type(a) is None) != (answer_type(b) is None)
+
+
+def needed_cosine(a: str, b: str, min_cos: float, untyped_tau: float) -> float:
+    """The encoder cosine two questions need to ask the same thing: min_cos, or the stricter of it and untyped_tau
+    when only one of them names a kind of answer (0: min_cos alone)."""
+    return max(min_cos, untyped_tau) if one_kind_named(a, b) else min_cos

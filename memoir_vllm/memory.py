@@ -35,7 +35,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .answer_type import one_kind_named, same_answer_type
+from .answer_type import needed_cosine, same_answer_type
 from .chat import ChatMarks, routing_span
 from .index import MaskIndex, unpack_masks
 from .subjects import SubjectGate, mask_subject, normalize
@@ -341,7 +341,7 @@ class ResidualMemory(nn.Module):
         first (cosine None without the check). With answer_type, a candidate whose prompt and the text do not both
         name a kind of answer needs the stricter of min_cos and untyped_tau."""
         min_cos = self.check_tau if min_cos is None else min_cos
-        untyped_cos = max(min_cos, self.untyped_tau) if self.answer_type else min_cos
+        untyped_tau = self.untyped_tau if self.answer_type else 0.0
         gate = self.subjects
         rows = [self._active(gate.rows_in(t)) for t in texts]
         if not self.answer_type and self.subject_check != "encoder":
@@ -361,9 +361,9 @@ class ResidualMemory(nn.Module):
         vec = dict(zip(flat, sentence_encoder()(flat))) if flat else {}
         out = []
         for rs, ms in zip(rows, masked):
-            scored = [(r, float(gate.vectors[r] @ vec[m]), one_kind_named(m, gate.masked_prompt(r)))
-                      for r, m in zip(rs, ms)]
-            kept = [(r, round(c, 4)) for r, c, untyped in scored if c >= (untyped_cos if untyped else min_cos)]
+            scored = [(r, float(gate.vectors[r] @ vec[m]),
+                       needed_cosine(m, gate.masked_prompt(r), min_cos, untyped_tau)) for r, m in zip(rs, ms)]
+            kept = [(r, round(c, 4)) for r, c, needed in scored if c >= needed]
             out.append(sorted(kept, key=lambda rc: -rc[1]))  # stable: equal cosines stay newest first
         return out
 

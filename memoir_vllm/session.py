@@ -114,7 +114,7 @@ class Memoir:
         cfg = default_config(hf_model.config.model_type, n_layers, d_inner, **settings).resolved(n_layers, d_inner)
         cfg = resolve_prompt_format(cfg, tok)
         memory = empty_memory(d_model, d_inner, cfg, marks=chat_marks(tok) if cfg.prompt_format == "chat" else None,
-                              end_ids=end_token_ids(tok) if cfg.nonempty_answers else ())
+                              end_ids=end_token_ids(tok))
         layer = attach(hf_model, memory, cfg.layer)
         texts = (background or builtin_background())[: cfg.n_background]
         memory.background.copy_(compute_background(hf_model, tok, layer, texts))

@@ -67,7 +67,8 @@ def main() -> None:
     for form in args.forms:
         for name, end_ids in (("any first token", ()), ("nonempty_answers", ends)):
             m.memory.end_ids = end_ids
-            r = {"form": form, "setting": name, **answers_by_kind(m, facts, args.block, args.max_new_tokens, chat=form == "chat")}
+            r = {"form": form, "setting": name,
+                 **answers_by_kind(m, facts, args.block, args.max_new_tokens, chat=form == "chat")}
             log.info("%s", r)
             runs.append(r)
     result = {"store": str(args.store), "data": args.data, "n": len(facts), "runs": runs}

@@ -6,7 +6,8 @@ Pairs (edit question, another question about the same subject), the subject mask
 synthetic paraphrases, questions of another relation and statements to complete (`memoir make-edits --n 1000`),
 the paraphrases of all ZsRE records in ../shared/data, and the 40 held-out real-world questions of
 second_stage_heldout.py. A pair is kept when answer types agree (answer_type.same_answer_type) and the encoder
-cosine reaches check_tau, or untyped_tau where only one of the two names a kind of answer (one_kind_named).
+cosine reaches check_tau, or untyped_tau where only one of the two names a kind of answer (the rule of
+ResidualMemory.candidate_scores: answer_type.needed_cosine).
 Saves runs/second_stage_pairs.json.
 """
 from __future__ import annotations
@@ -22,7 +23,7 @@ sys.path.insert(0, str(REPO / "scripts"))
 
 from memoir_eval.routing_only import load_json_records  # noqa: E402
 from memoir_eval.synthetic import make_edits  # noqa: E402
-from memoir_vllm.answer_type import one_kind_named, same_answer_type  # noqa: E402
+from memoir_vllm.answer_type import needed_cosine, same_answer_type  # noqa: E402
 from memoir_vllm.encoder import sentence_encoder  # noqa: E402
 from memoir_vllm.subjects import auto_subject, mask_subject  # noqa: E402
 from second_stage_heldout import QUESTIONS  # noqa: E402
@@ -37,8 +38,7 @@ def scored_pairs(edits: list[str], others: list[str], subjects: list[str]) -> li
 
 
 def kept(pairs: list[tuple[str, str, float]], check_tau: float, untyped_tau: float) -> float:
-    ok = [same_answer_type(a, b) and c >= (max(check_tau, untyped_tau) if one_kind_named(a, b) else check_tau)
-          for a, b, c in pairs]
+    ok = [same_answer_type(a, b) and c >= needed_cosine(a, b, check_tau, untyped_tau) for a, b, c in pairs]
     return round(sum(ok) / len(ok), 3)
 
 
