@@ -23,7 +23,7 @@ from tqdm.auto import tqdm
 from memoir_vllm.hf import down_proj_path, get_module
 from memoir_vllm.session import builtin_background
 from memoir_vllm.memory import ResidualMemory
-from memoir_vllm.tophash import Pooled, indices_to_mask, pool_prompt, tophash
+from memoir_vllm.routing.tophash import Pooled, indices_to_mask, pool_prompt, tophash
 
 from .data import STREAM_END, load_records
 

@@ -27,7 +27,7 @@ import torch
 from tqdm.auto import tqdm
 
 from memoir_vllm.hf import capturing
-from memoir_vllm.subjects import auto_subject, normalize
+from memoir_vllm.routing.subjects import auto_subject, normalize
 from memoir_vllm.tokens import encode_prompts
 
 from .data import resolve_data
@@ -96,7 +96,7 @@ def evaluate_routing(m, records: list[dict[str, Any]], n: int, subjects: str = "
     feature_s = time.perf_counter() - t0
 
     memory = m.memory.empty_like()
-    from memoir_vllm.tophash import indices_to_mask
+    from memoir_vllm.routing.tophash import indices_to_mask
 
     memory.index.add(indices_to_mask(E, memory.d_inner), torch.arange(n))
     for s, r in zip(subs, stored):

@@ -63,7 +63,7 @@ def cmd_edit(args: argparse.Namespace) -> int:
 
 
 def cmd_edit_ray(args: argparse.Namespace) -> int:
-    from .jobs import run_ray_job
+    from .ray.jobs import run_ray_job
 
     summary = run_ray_job(
         edits=args.edits, out=args.out, model=args.model, workers=args.workers or 2, shards=args.shards,
@@ -169,7 +169,7 @@ def cmd_snapshot_disable(args: argparse.Namespace) -> int:
 
 def cmd_snapshot_subject(args: argparse.Namespace) -> int:
     from .snapshot import load_snapshot, resolve_version, save_snapshot
-    from .subjects import as_aliases
+    from .routing.subjects import as_aliases
 
     snap = load_snapshot(args.snapshot)
     before = snap.edits[snap.state.row_of(args.edit_id)].subject

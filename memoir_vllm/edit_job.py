@@ -10,7 +10,7 @@ from .edits import EditRequest, load_edits
 from .session import Memoir
 from .snapshot import EditRecord, latest_version
 from .store_lock import write_lock
-from .subjects import normalize
+from .routing.subjects import normalize
 
 log = logging.getLogger(__name__)
 

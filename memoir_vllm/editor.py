@@ -23,7 +23,7 @@ from .inference import generate
 from .memory import ResidualMemory, from_span
 from .statements import statement_prefix
 from .tokens import PairBatch, encode_pairs, encode_prompts
-from .tophash import indices_to_mask
+from .routing.tophash import indices_to_mask
 
 log = logging.getLogger(__name__)
 

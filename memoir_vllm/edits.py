@@ -11,7 +11,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from .subjects import as_aliases
+from .routing.subjects import as_aliases
 
 
 @dataclass

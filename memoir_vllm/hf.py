@@ -16,7 +16,7 @@ from torch import nn
 
 from .config import arch_spec
 from .memory import Decision, ResidualMemory, from_span
-from .tophash import pool_prompt
+from .routing.tophash import pool_prompt
 
 
 def get_module(root: nn.Module, path: str) -> nn.Module:

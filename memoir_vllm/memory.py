@@ -9,7 +9,7 @@ The one routing rule lives here, for every caller (the transformers layer, the v
     rule "subject" (the default for new memories):
         request text -> candidates(): the edits whose subject the text names (subjects.SubjectGate) and, with
         the second stage, whose question it asks (answer_type: both ask for the same kind of answer,
-        answer_type.py; the encoder check: cosine of the request's and the edit prompt's sentence vectors, the
+        routing/answer_type.py; the encoder check: cosine of the request's and the edit prompt's sentence vectors, the
         subject masked in both, >= check_tau; best cosine first)
         pooled prompt -> feature() -> decide(candidates): TopHash mask -> best active candidate (ties: the
         newest) -> routed iff ratio >= subject_tau; no candidate, no memory term. Under columns "free" (each
@@ -35,11 +35,11 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .answer_type import needed_cosine, same_answer_type
+from .routing.answer_type import needed_cosine, same_answer_type
 from .chat import ChatMarks, routing_span
-from .index import MaskIndex, unpack_masks
-from .subjects import SubjectGate, mask_subject, normalize
-from .tophash import Pooled, feature_from_pool, indices_to_mask, make_permutation, pool_prompt, tophash
+from .routing.index import MaskIndex, unpack_masks
+from .routing.subjects import SubjectGate, mask_subject, normalize
+from .routing.tophash import Pooled, feature_from_pool, indices_to_mask, make_permutation, pool_prompt, tophash
 
 log = logging.getLogger(__name__)
 
@@ -130,9 +130,9 @@ class ResidualMemory(nn.Module):
             names are candidates; see the module docstring).
         subject_tau: threshold on overlap / k among the candidates (rule "subject").
         subject_check, check_tau: "encoder" keeps a candidate whose sentence-encoder cosine with the request is
-            >= check_tau (encoder.py); "none" keeps every candidate.
+            >= check_tau (routing/encoder.py); "none" keeps every candidate.
         answer_type: keep a candidate only if it and the request do not ask for different kinds of answer
-            (answer_type.py: who / when / where / how many); applies before the encoder check.
+            (routing/answer_type.py: who / when / where / how many); applies before the encoder check.
         untyped_tau: with answer_type and the encoder check, the cosine a candidate needs when only one of the two
             questions names a kind of answer ("In which museum is X?" against "Who painted X?"); the stricter of it
             and check_tau applies; 0: check_tau alone.
@@ -354,7 +354,7 @@ class ResidualMemory(nn.Module):
             rows, masked = [[r for r, _ in k] for k in kept], [[m for _, m in k] for k in kept]
         if self.subject_check != "encoder":
             return [[(r, None) for r in rs] for rs in rows]
-        from .encoder import sentence_encoder
+        from .routing.encoder import sentence_encoder
 
         self.fill_vectors()
         flat = sorted({m for ms in masked for m in ms})
@@ -380,7 +380,7 @@ class ResidualMemory(nn.Module):
         todo = sorted(gate.missing)
         if not todo:
             return
-        from .encoder import sentence_encoder
+        from .routing.encoder import sentence_encoder
 
         vecs = sentence_encoder()([gate.masked_prompt(i) for i in todo])
         for i, v in zip(todo, vecs):

@@ -29,7 +29,7 @@ from .memory import ResidualMemory, candidate_rows, empty_memory
 from .models import load_model, model_identity, resolve_model_dir
 from .snapshot import Snapshot, check_model, load_snapshot, save_snapshot
 from .state import EditRecord, MemoryState
-from .subjects import as_aliases, auto_subject, normalize
+from .routing.subjects import as_aliases, auto_subject, normalize
 from .tokens import end_token_ids
 
 log = logging.getLogger(__name__)
@@ -247,7 +247,7 @@ class Memoir:
         subject, encoder cosine (None without the check) and mask overlap / k of its query mask (mask_idx
         [B, k]; None under free columns, where the first candidate is the one routed to); with shared columns the
         first with overlap >= subject_tau is the one routed to."""
-        from .tophash import indices_to_mask
+        from .routing.tophash import indices_to_mask
 
         mem, out = self.memory, []
         for i, cands in enumerate(scored):

@@ -270,7 +270,7 @@ def load_snapshot(path: str | Path, verify: bool = True) -> Snapshot:
         raise SnapshotError(f"{d}: stored permutation differs from seed {manifest['seed']}'s: the masks would not match")
     table = pq.read_table(d / EDITS).to_pylist()
     if table:
-        from .tophash import indices_to_mask
+        from .routing.tophash import indices_to_mask
 
         masks = indices_to_mask(torch.tensor([r["mask"] for r in table], dtype=torch.int64), manifest["d_inner"])
         memory.index.add(masks, torch.tensor([r["edit_id"] for r in table]), torch.tensor([r["shard"] for r in table]),

@@ -26,7 +26,7 @@ class EditRecord:
     target: str
     source: str = ""
     created: str = field(default_factory=lambda: datetime.now(timezone.utc).isoformat(timespec="seconds"))
-    subject: tuple[str, ...] = ()  # the aliases requests name it by (subjects.py); () routes nowhere by subject
+    subject: tuple[str, ...] = ()  # the aliases requests name it by (routing/subjects.py); () routes nowhere by subject
     superseded_by: int | None = None  # the newer edit of the same question that retired it from routing
 
 

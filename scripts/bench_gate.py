@@ -21,7 +21,7 @@ from pathlib import Path
 import torch
 
 from memoir_vllm.memory import ResidualMemory
-from memoir_vllm.tophash import indices_to_mask
+from memoir_vllm.routing.tophash import indices_to_mask
 
 
 def _median_ms(fn, reps: int) -> float:

@@ -17,7 +17,7 @@ from pathlib import Path
 
 import torch
 
-from memoir_vllm.index import MaskIndex, pack_masks
+from memoir_vllm.routing.index import MaskIndex, pack_masks
 
 log = logging.getLogger("bench_index")
 
@@ -75,9 +75,9 @@ def main() -> None:
     p.add_argument("--out", default="runs/bench_index.json")
     args = p.parse_args()
     if args.float32:
-        import memoir_vllm.index
+        import memoir_vllm.routing.index
 
-        memoir_vllm.index._HAS_INT_MM = False
+        memoir_vllm.routing.index._HAS_INT_MM = False
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s", datefmt="%H:%M:%S")
     torch.set_num_threads(args.threads)
     results = []

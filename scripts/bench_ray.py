@@ -18,7 +18,7 @@ import shutil
 import tempfile
 from pathlib import Path
 
-from memoir_vllm.jobs import connect, run_ray_job
+from memoir_vllm.ray.jobs import connect, run_ray_job
 
 DATA = Path(os.environ.get("MEMOIR_DATA", Path(__file__).resolve().parents[2] / "shared" / "data"))
 

@@ -49,7 +49,7 @@ def load_prompts(n: int) -> list[tuple[str, str]]:
             if len(out) == n:
                 return out
     from memoir_vllm.session import builtin_background
-    from memoir_vllm.subjects import auto_subject
+    from memoir_vllm.routing.subjects import auto_subject
 
     texts = [t + f" ({i})" for i, t in enumerate(builtin_background())][:n]
     texts += [f"Background text {i}." for i in range(len(texts), n)]
@@ -96,7 +96,7 @@ def synth_snapshot(out: Path, n_edits: int, match: list[tuple[str, str]], tau: f
     gen = torch.Generator().manual_seed(seed)
     n_rand = n_edits - len(masks)
     rand = torch.rand(n_rand, d_inner, generator=gen).topk(cfg.k, dim=1).indices.sort(dim=1).values  # [n, k]
-    from memoir_vllm.tophash import indices_to_mask
+    from memoir_vllm.routing.tophash import indices_to_mask
 
     all_idx = torch.cat(masks + [rand])  # [n_edits, k]
     memory.index.add(indices_to_mask(all_idx, d_inner), torch.arange(n_edits), torch.arange(n_edits) % n_shards)

@@ -23,9 +23,9 @@ sys.path.insert(0, str(REPO / "scripts"))
 
 from memoir_eval.routing_only import load_json_records  # noqa: E402
 from memoir_eval.synthetic import make_edits  # noqa: E402
-from memoir_vllm.answer_type import needed_cosine, same_answer_type  # noqa: E402
-from memoir_vllm.encoder import sentence_encoder  # noqa: E402
-from memoir_vllm.subjects import auto_subject, mask_subject  # noqa: E402
+from memoir_vllm.routing.answer_type import needed_cosine, same_answer_type  # noqa: E402
+from memoir_vllm.routing.encoder import sentence_encoder  # noqa: E402
+from memoir_vllm.routing.subjects import auto_subject, mask_subject  # noqa: E402
 from second_stage_heldout import QUESTIONS  # noqa: E402
 
 

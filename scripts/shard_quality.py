@@ -22,7 +22,7 @@ import torch
 from memoir_vllm.edits import load_edits
 from memoir_vllm.hf import attach
 from memoir_vllm.inference import score
-from memoir_vllm.jobs import connect, run_ray_job
+from memoir_vllm.ray.jobs import connect, run_ray_job
 from memoir_vllm.session import Memoir
 from memoir_vllm.snapshot import load_snapshot
 

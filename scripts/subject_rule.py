@@ -1,4 +1,4 @@
-"""Score memoir's automatic subject rule (memoir_vllm.subjects.auto_subject) against ZsRE's own subjects.
+"""Score memoir's automatic subject rule (memoir_vllm.routing.subjects.auto_subject) against ZsRE's own subjects.
 
     .venv/bin/python scripts/subject_rule.py [--data ../shared/data/zsre/zsre_mend_edit.json] [--out FILE]
 
@@ -14,7 +14,7 @@ import json
 import time
 from pathlib import Path
 
-from memoir_vllm.subjects import SubjectGate, auto_subject, normalize
+from memoir_vllm.routing.subjects import SubjectGate, auto_subject, normalize
 
 QUESTIONS = ["What is the capital city of Norway?", "Who painted The Starry Night?",
              "Which club does Lionel Messi play for?", "The Eiffel Tower is located in the city of",

@@ -17,9 +17,9 @@ from pathlib import Path
 import torch
 
 from memoir_eval.synthetic import make_edits
-from memoir_vllm.answer_type import same_answer_type
-from memoir_vllm.encoder import sentence_encoder
-from memoir_vllm.subjects import mask_subject
+from memoir_vllm.routing.answer_type import same_answer_type
+from memoir_vllm.routing.encoder import sentence_encoder
+from memoir_vllm.routing.subjects import mask_subject
 
 
 def main() -> None:

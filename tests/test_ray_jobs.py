@@ -14,12 +14,12 @@ from memoir_vllm.cli import main
 from memoir_vllm.edits import EditFileError
 from memoir_vllm.hf import attach
 from memoir_vllm.inference import score
-from memoir_vllm.jobs import RayJobError, compute_masks, connect, run_ray_job
-from memoir_vllm.mask_worker import MaskWorker
+from memoir_vllm.ray.jobs import RayJobError, compute_masks, connect, run_ray_job
+from memoir_vllm.ray.mask_worker import MaskWorker
 from memoir_vllm.session import Memoir
-from memoir_vllm.shards import merge_streams, shard_of, stream_dir, write_job_spec
+from memoir_vllm.ray.shards import merge_streams, shard_of, stream_dir, write_job_spec
 from memoir_vllm.snapshot import SnapshotError, load_snapshot, read_manifest
-from memoir_vllm.stream import EditStream
+from memoir_vllm.ray.stream import EditStream
 
 pytestmark = [pytest.mark.ray, pytest.mark.model]
 

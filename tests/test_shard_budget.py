@@ -40,7 +40,7 @@ def test_full_shards_are_closed_and_new_edits_open_a_new_one(tiny_model_dir, tmp
 @pytest.mark.model
 def test_streams_with_several_shards_merge_one_after_another(tiny_model_dir, tmp_path):
     from memoir_vllm.session import Memoir
-    from memoir_vllm.shards import merge_memories
+    from memoir_vllm.ray.shards import merge_memories
     from memoir_vllm.snapshot import load_snapshot
 
     snaps = []

@@ -3,11 +3,11 @@ memory's one rule (ResidualMemory.candidates / decide_masks), on hand-made masks
 import pytest
 import torch
 
-from memoir_vllm.answer_type import answer_type, one_kind_named, same_answer_type
+from memoir_vllm.routing.answer_type import answer_type, one_kind_named, same_answer_type
 from memoir_vllm.config import MemoirConfig
 from memoir_vllm.memory import ResidualMemory
-from memoir_vllm.subjects import SubjectGate, as_aliases, auto_subject, normalize
-from memoir_vllm.tophash import indices_to_mask
+from memoir_vllm.routing.subjects import SubjectGate, as_aliases, auto_subject, normalize
+from memoir_vllm.routing.tophash import indices_to_mask
 
 
 @pytest.mark.parametrize("prompt, subject", [

@@ -6,7 +6,7 @@ import pytest
 from memoir_eval.synthetic import CLOZE, FAMILIES, make_edits
 from memoir_vllm.cli import main
 from memoir_vllm.edits import load_edits
-from memoir_vllm.subjects import SubjectGate
+from memoir_vllm.routing.subjects import SubjectGate
 
 
 def test_same_seed_same_facts_and_every_neighbour_kind():

@@ -2,9 +2,9 @@
 import pytest
 import torch
 
-from memoir_vllm.index import MaskIndex, pack_masks, unpack_masks
+from memoir_vllm.routing.index import MaskIndex, pack_masks, unpack_masks
 from memoir_vllm.memory import ResidualMemory
-from memoir_vllm.tophash import indices_to_mask, make_permutation, prompt_feature, tophash
+from memoir_vllm.routing.tophash import indices_to_mask, make_permutation, prompt_feature, tophash
 
 
 def mask_of(indices, d=16):

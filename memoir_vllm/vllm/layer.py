@@ -23,7 +23,7 @@ import torch
 from torch import nn
 
 from ..memory import column_term
-from ..tophash import Pooled
+from ..routing.tophash import Pooled
 from . import attachment
 from .routing import Router
 

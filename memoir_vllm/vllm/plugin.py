@@ -242,7 +242,7 @@ def _serving_memory(runner: Any, path: str, like=None):
     if memory.rule == "subject":
         memory.subjects.build()  # the automaton over every subject: here, not at the first request's admission
     if memory.rule == "subject" and memory.subject_check == "encoder":
-        from ..encoder import sentence_encoder
+        from ..routing.encoder import sentence_encoder
 
         sentence_encoder()  # loaded once per worker, not at the first request that names a subject
         memory.fill_vectors()

@@ -27,11 +27,11 @@ from typing import Any
 
 import torch
 
-from .atomic import write_json_atomic
-from .edits import EditRequest
-from .memory import ResidualMemory
-from .snapshot import Snapshot, SnapshotError, load_snapshot, save_snapshot
-from .state import EditRecord, MemoryState
+from ..atomic import write_json_atomic
+from ..edits import EditRequest
+from ..memory import ResidualMemory
+from ..snapshot import Snapshot, SnapshotError, load_snapshot, save_snapshot
+from ..state import EditRecord, MemoryState
 
 log = logging.getLogger(__name__)
 

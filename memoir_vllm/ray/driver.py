@@ -1,4 +1,4 @@
-"""The driver side of a Ray edit job (see memoir_vllm.jobs): the actor class and RayEditJob, the event loop.
+"""The driver side of a Ray edit job (see memoir_vllm.ray.jobs): the actor class and RayEditJob, the event loop.
 
 RayEditJob gives each stream an actor (at most `workers` at once), keeps two edit batches queued
 per actor, restarts a dead actor from its stream's newest snapshot, and merges the stream stores
@@ -15,8 +15,8 @@ from typing import Any, Callable
 
 from tqdm.auto import tqdm
 
-from .edit_job import check_resumable
-from .edits import EditRequest
+from ..edit_job import check_resumable
+from ..edits import EditRequest
 from .shards import merge_streams, read_job_spec, stream_dir, stream_items, write_job_spec
 from .stream import EditStream
 
@@ -53,7 +53,7 @@ class RemoteStream:
 
 @dataclass
 class JobPlan:
-    """A validated job (memoir_vllm.jobs.plan_job): its edits, shards, actors and the streams' settings."""
+    """A validated job (memoir_vllm.ray.jobs.plan_job): its edits, shards, actors and the streams' settings."""
 
     out: Path
     requests: list[EditRequest]

@@ -8,7 +8,7 @@ class in the Ray Data style, runnable without a cluster:
     w({"prompt": ["The capital of Freedonia is"]})
     # -> {"prompt": [...], "mask": [[k indices]], "edit_id": [id or -1], "shard": [s or -1], "ratio": [0.97]}
 
-`compute_masks()` in memoir_vllm.jobs fans it out over Ray actors.
+`compute_masks()` in memoir_vllm.ray.jobs fans it out over Ray actors.
 """
 from __future__ import annotations
 
@@ -16,9 +16,9 @@ from pathlib import Path
 
 import torch
 
-from .hf import routed
-from .session import Memoir
-from .tokens import encode_prompts
+from ..hf import routed
+from ..session import Memoir
+from ..tokens import encode_prompts
 
 
 class MaskWorker:

@@ -20,9 +20,9 @@ from typing import Any
 
 import torch
 
-from .edit_job import read_background
-from .session import Memoir
-from .snapshot import latest_version
+from ..edit_job import read_background
+from ..session import Memoir
+from ..snapshot import latest_version
 
 log = logging.getLogger(__name__)
 

@@ -3,7 +3,7 @@
     memoir edit --ray --workers 2 --shards 4 --edits zsre.json --out /shared/jobs/zsre
 
 Edits within one memory are sequential, so a job scales out over independent memories: the edit
-file is split into S shards (round-robin, see memoir_vllm.shards), each shard is one EditStream
+file is split into S shards (round-robin, see memoir_vllm.ray.shards), each shard is one EditStream
 on one actor, and at most `workers` actors run at a time. Every stream checkpoints its own
 snapshot store every `every` edits; when an actor dies, the driver starts a new one on the same
 store, which resumes from the stream's newest snapshot, and sends the edits after it again (none
@@ -11,7 +11,7 @@ is lost, none is applied twice). At the end the stream stores are merged into on
 snapshot at OUT. OUT must be a path every Ray node can read and write (a shared filesystem).
 
 This module checks the options and the output directory and connects to Ray; the driver's event
-loop and the actor class are in memoir_vllm.ray_driver.
+loop and the actor class are in memoir_vllm.ray.driver.
 """
 from __future__ import annotations
 
@@ -22,11 +22,11 @@ import uuid
 from pathlib import Path
 from typing import Any, Callable
 
-from .atomic import sha256_file
-from .edits import load_edits
-from .ray_driver import JobPlan, RayEditJob, RayJobError, RemoteStream
+from ..atomic import sha256_file
+from ..edits import load_edits
+from .driver import JobPlan, RayEditJob, RayJobError, RemoteStream
 from .shards import SHARDING, read_job_spec, streams_root
-from .snapshot import LATEST
+from ..snapshot import LATEST
 
 __all__ = ["RayJobError", "RemoteStream", "compute_masks", "connect", "plan_job", "run_ray_job"]
 
@@ -73,7 +73,7 @@ def _probe(address: str, timeout: float) -> None:
 
 def _source_root() -> str | None:
     """The directory holding the memoir_vllm package when it runs from a source tree (not installed)."""
-    root = Path(__file__).resolve().parents[1]
+    root = Path(__file__).resolve().parents[2]
     return None if "site-packages" in root.parts else str(root)
 
 
