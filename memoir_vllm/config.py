@@ -238,11 +238,11 @@ PRESETS: dict[str, dict[str, Any]] = {
     "gptj-6b": dict(layer=21, k=4096, tau=0.4, lr=1.0, n_iter=70),
     # SmolLM2-135M (30 blocks, D=1536), measured: see docs/defaults.md. Free columns of 64 (24 edits per W_m)
     # with lr 160, which is near the edge of stability: 1 of 79 synthetic edits diverged, so a failed edit is
-    # retried at half the lr (README "Free columns"), and an edit trains until greedy decoding gives its target, up
-    # to 30 more steps (README "Capacity"); "-shared" is its measured setting with the paper's shared
-    # columns (the mask rule needs it)
+    # retried at half the lr (README "Free columns"); its rows without a template weigh as much again in the loss
+    # and an edit trains until greedy decoding gives its target, up to 30 more steps (README "Capacity");
+    # "-shared" is its measured setting with the paper's shared columns (the mask rule needs it)
     "smollm2-135m": dict(layer=25, k=64, tau=0.5, lr=160.0, n_iter=30, stop_rule="loss", columns="free",
-                         retries=2, exact_steps=30),
+                         retries=2, exact_steps=30, plain_weight=1.0),
     "smollm2-135m-shared": dict(layer=25, k=439, tau=0.5, lr=10.0, n_iter=30, stop_rule="loss", columns="shared"),
 }
 

@@ -93,8 +93,12 @@ def test_disabled_edit_routes_to_base_model(edited, tmp_path):
     assert a[1].edit_id == 1
 
 
-def test_fast_editor_follows_the_reference_loss_within_1e4(default_model_dir, zsre_records):
-    m = Memoir.create("default", n_iter=6, stop_rule="reference", retries=0, exact_steps=0)  # six steps each
+@pytest.mark.parametrize("plain_weight", [0.0, 1.0])
+def test_fast_editor_follows_the_reference_loss_within_1e4(default_model_dir, zsre_records, plain_weight):
+    # lr 40, a stable rate: at the preset's 160 this record's loss jumps (5.6, 4.8, 2.8, 9.8), and the paths' 1e-6
+    # float differences grow past 1e-4 by the fifth step with plain_weight 1 (7.2144 vs 7.2102)
+    m = Memoir.create("default", n_iter=6, lr=40.0, stop_rule="reference", retries=0, exact_steps=0,
+                      plain_weight=plain_weight)  # six steps each
     r = zsre_records[1]
     trajectories = {}
     for fast in (False, True):
@@ -132,12 +136,14 @@ def test_early_stop_rules():
 def test_a_failed_edit_is_trained_again_from_its_state_before_at_half_the_lr():
     # lr 1e4 is far past the edge of stability: three steps end above half the first loss, so the edit is
     # retried from the memory as it was before it (the same first loss) at lr 5e3, which converges enough
-    m = Memoir.create("default", n_iter=3, lr=1e4, retries=2, prompt_format="raw", exact_steps=0)  # golden: raw rows
+    m = Memoir.create("default", n_iter=3, lr=1e4, retries=2, prompt_format="raw", exact_steps=0,
+                      plain_weight=0)  # golden: raw rows, the mean over rows
     losses = m.editor.edit("What is the capital city of Norway?", "Bergen").losses
     assert len(losses) == 6 and losses[3] == pytest.approx(losses[0], abs=1e-6)
     assert losses[2] > 0.5 * losses[0] and losses[5] < 0.5 * losses[0]
     assert losses == pytest.approx([3.754, 3.578, 4.558, 3.754, 4.374, 1.227], abs=2e-3)
-    once = Memoir.create("default", n_iter=3, lr=1e4, retries=0, prompt_format="raw", exact_steps=0)  # kept as failed
+    once = Memoir.create("default", n_iter=3, lr=1e4, retries=0, prompt_format="raw", exact_steps=0,
+                         plain_weight=0)  # kept as failed
     assert once.editor.edit("What is the capital city of Norway?", "Bergen").losses == pytest.approx(losses[:3], abs=1e-5)
 
 
@@ -161,7 +167,7 @@ def test_an_edit_that_the_loss_rule_leaves_wrong_answers_with_exact_steps_or_pla
 def test_when_every_attempt_fails_the_edit_keeps_the_one_that_ended_lowest():
     # lr 5e4, two steps: the first attempt ends at loss 7.92, its retry at lr 2.5e4 at 8.75 (both above half the
     # first loss): the memory keeps the first attempt's weights, not the last's
-    runs = {r: Memoir.create("default", n_iter=2, lr=5e4, retries=r, prompt_format="raw", exact_steps=0)
+    runs = {r: Memoir.create("default", n_iter=2, lr=5e4, retries=r, prompt_format="raw", exact_steps=0, plain_weight=0)
             for r in (0, 1)}
     for m in runs.values():
         m.editor.edit("What is the capital city of Norway?", "Bergen")
