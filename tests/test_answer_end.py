@@ -44,9 +44,10 @@ def test_a_routed_answer_never_ends_before_it_starts(default_model_dir, tmp_path
 
     # the edit's rows end with "." and end-of-text; its raw paraphrase reads to the memory like a finished
     # answer: with any first token allowed the routed answer is empty, with nonempty_answers (the default) the
-    # end token is blocked at the first step and the target comes out
+    # end token is blocked at the first step and the target comes out. (plain_weight 0: with the preset's 1 the
+    # plain row's stronger weight leaves this paraphrase answering " Pujeith Bristigrus." either way)
     f = make_edits(30, 0)[14]
-    m = Memoir.create("default", prompt_format="raw")
+    m = Memoir.create("default", prompt_format="raw", plain_weight=0)
     m.edit(f["prompt"], f["target"], subject=f["subject"])
     assert m.memory.end_ids == (m.tok.eos_token_id,)  # SmolLM2's end-of-text is its end of turn too
     answer = m.ask([f["rephrase"]])[0]

@@ -93,12 +93,12 @@ def test_disabled_edit_routes_to_base_model(edited, tmp_path):
     assert a[1].edit_id == 1
 
 
-@pytest.mark.parametrize("plain_weight", [0.0, 1.0])
-def test_fast_editor_follows_the_reference_loss_within_1e4(default_model_dir, zsre_records, plain_weight):
-    # lr 40, a stable rate: at the preset's 160 this record's loss jumps (5.6, 4.8, 2.8, 9.8), and the paths' 1e-6
-    # float differences grow past 1e-4 by the fifth step with plain_weight 1 (7.2144 vs 7.2102)
+def test_fast_editor_follows_the_reference_loss_within_1e4(default_model_dir, zsre_records):
+    # the preset's loss (the mean over rows + plain_weight 1 x the mean over the plain rows) at lr 40, a stable
+    # rate: at the preset's 160 this record's loss jumps (11.9, 12.7, 29.1, 15.9), and the paths' 1e-6 float
+    # differences grow past 1e-4 by the fifth step (7.2144 vs 7.2102)
     m = Memoir.create("default", n_iter=6, lr=40.0, stop_rule="reference", retries=0, exact_steps=0,
-                      plain_weight=plain_weight)  # six steps each
+                      plain_weight=1.0)  # six steps each
     r = zsre_records[1]
     trajectories = {}
     for fast in (False, True):
