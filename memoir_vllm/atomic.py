@@ -95,6 +95,17 @@ def atomic_dir(final: str | Path) -> Iterator[Path]:
         raise
 
 
+def writable_dir(path: str | Path) -> Path:
+    """Create the directory `path` if needed and prove a file can be written in it (a probe file, removed again);
+    raises OSError otherwise. Callers check this before any work that would write there."""
+    path = Path(path)
+    path.mkdir(parents=True, exist_ok=True)
+    probe = path / f".probe-{uuid.uuid4().hex}"
+    probe.touch()
+    probe.unlink()
+    return path
+
+
 def sha256_file(path: str | Path) -> str:
     """The hex sha256 of a file, read in 1 MiB blocks."""
     h = hashlib.sha256()

@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import json
 import shutil
-import uuid
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
@@ -29,7 +28,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from .chat import ChatMarks
-from .atomic import TMP_PREFIX, atomic_dir, sha256_file, write_text_atomic
+from .atomic import TMP_PREFIX, atomic_dir, sha256_file, writable_dir, write_text_atomic
 from .config import MemoirConfig
 from .memory import ResidualMemory
 from .state import EditRecord, MemoryState
@@ -133,10 +132,7 @@ def save_snapshot(root: str | Path, state: MemoryState, keep: int = 3, extra: di
     state.check()
     root = Path(root).expanduser()
     try:
-        root.mkdir(parents=True, exist_ok=True)
-        probe = root / f".probe-{uuid.uuid4().hex}"
-        probe.touch()
-        probe.unlink()
+        writable_dir(root)
     except OSError as e:
         raise SnapshotError(f"cannot write snapshots to {root}: {e.strerror}. Choose a writable --out directory") from e
     with write_lock(root):

@@ -74,3 +74,18 @@ def test_a_snapshot_version_honours_the_umask(tmp_path, umask_022):
     assert {p.name: mode(p) for p in version.iterdir()} == {
         "manifest.json": 0o644, "memory.safetensors": 0o644, "edits.parquet": 0o644}
     assert mode(tmp_path / "LATEST") == 0o644 and load_snapshot(tmp_path).memory.n_edits == 0
+
+
+def test_a_store_under_a_file_is_refused_before_anything_is_written(tmp_path):
+    from memoir_vllm.atomic import writable_dir
+    from memoir_vllm.config import MemoirConfig
+    from memoir_vllm.memory import ResidualMemory
+    from memoir_vllm.snapshot import MemoryState, SnapshotError, save_snapshot
+
+    assert writable_dir(tmp_path / "a" / "b") == tmp_path / "a" / "b" and not any((tmp_path / "a" / "b").iterdir())
+    (tmp_path / "afile").write_text("x")
+    with pytest.raises(OSError):
+        writable_dir(tmp_path / "afile" / "store")
+    state = MemoryState(ResidualMemory(d_model=8, d_inner=16, k=4), [], MemoirConfig(), [], {"name": "toy"}, "mlp")
+    with pytest.raises(SnapshotError, match="cannot write snapshots to .*afile/store"):
+        save_snapshot(tmp_path / "afile" / "store", state)

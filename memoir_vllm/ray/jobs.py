@@ -18,11 +18,10 @@ from __future__ import annotations
 import logging
 import os
 import socket
-import uuid
 from pathlib import Path
 from typing import Any, Callable
 
-from ..atomic import sha256_file
+from ..atomic import sha256_file, writable_dir
 from ..edits import load_edits
 from .driver import JobPlan, RayEditJob, RayJobError, RemoteStream
 from .shards import SHARDING, read_job_spec, streams_root
@@ -150,10 +149,7 @@ def plan_job(
 def _check_out(out: Path, resume: bool, n_shards: int, spec: dict[str, Any]) -> None:
     """Validate the output directory before any cluster or worker starts."""
     try:
-        out.mkdir(parents=True, exist_ok=True)
-        probe = out / f".probe-{uuid.uuid4().hex}"
-        probe.touch()
-        probe.unlink()
+        writable_dir(out)
     except OSError as e:
         raise RayJobError(f"cannot write to --out {out}: {e.strerror or e}. Choose a writable directory that every "
                           "Ray node can reach (a shared filesystem)") from None
