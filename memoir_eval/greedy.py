@@ -10,7 +10,7 @@ left out). An answer counts when it equals the target (memoir_eval.metrics.answe
 """
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Sequence
 
 from .age import by_shard_position, in_blocks
 from .metrics import answer_match
@@ -19,14 +19,16 @@ KINDS = (("edited", "prompt"), ("paraphrase", "rephrase"), ("cloze", "cloze"))  
 
 
 def answers_by_kind(m, facts: list[dict[str, Any]], block: int, max_new_tokens: int = 16,
-                    chat: bool | None = None) -> dict[str, Any]:
+                    chat: bool | None = None, only: Sequence[int] | None = None) -> dict[str, Any]:
     """Per kind of request: the share answered overall, per `block` edits (oldest first) and per position in a full
     shard, the share of empty answers and of requests routed to their own edit. m: a memoir Memoir;
-    chat: ask as one-message chats (default: as the memory was written)."""
+    chat: ask as one-message chats (default: as the memory was written); only: the edit ids to ask (default all),
+    e.g. the trained ones of a store whose other edits were written for routing alone."""
     out: dict[str, Any] = {}
     shards = m.memory.index.shards.tolist()
+    ids = range(len(facts)) if only is None else only
     for kind, field in KINDS:
-        rows = [(i, f) for i, f in enumerate(facts) if f.get(field)]
+        rows = [(i, facts[i]) for i in ids if facts[i].get(field)]
         if not rows:
             continue
         got = m.ask([f[field] for _, f in rows], max_new_tokens=max_new_tokens, chat=chat)

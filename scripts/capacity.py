@@ -13,10 +13,18 @@ first, and overall, by position in a full shard (what projects to a larger strea
 memoir_eval.age.by_shard_position), and the share routed to their own edit; paraphrases likewise; questions of the same relation about another subject, of another relation
 about an edited subject, and unrelated questions answered as without the memory; edit seconds, shards and
 bytes of W_m per edit.
+
+--train SLICES (e.g. 0:100,900:1000) trains only those edits; the others are written for routing alone (their
+mask and subject stored, no training step, their columns left zero), so they compete for every request as trained
+edits do. Under free columns an edit's answer depends on its own columns and on routing alone, so the trained
+edits answer as in a store where every edit was trained (less the weight decay later edits of a shard would
+apply, at most (1 - 1e-5)^(30 x 23) = 0.993). Neighbour questions are then asked of every fact, and one routed to
+an untrained edit counts as changed (its answer in a full store is unknown): a lower bound.
 """
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import logging
 import sys
@@ -24,6 +32,7 @@ import time
 from pathlib import Path
 
 import torch
+from tqdm import tqdm
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
@@ -31,7 +40,6 @@ sys.path.insert(0, str(REPO))
 from memoir_eval.age import full_shards  # noqa: E402
 from memoir_eval.greedy import answers_by_kind  # noqa: E402
 from memoir_eval.synthetic import make_edits  # noqa: E402
-from memoir_vllm.edits import EditRequest  # noqa: E402
 from memoir_vllm.session import Memoir  # noqa: E402
 from memoir_vllm.tokens import end_token_ids  # noqa: E402
 
@@ -53,28 +61,59 @@ def parse_variant(text: str) -> tuple[str, dict]:
     return name, settings
 
 
-def write(facts: list[dict], store: Path, settings: dict, resume: bool, every: int) -> tuple[Memoir, float]:
-    """The memory with every fact written (continuing a saved store under --resume); returns it and edit seconds."""
-    m = Memoir.from_snapshot(store) if resume and (store / "LATEST").exists() else Memoir.create("default", **settings)
+def parse_slices(text: str | None, n: int) -> list[int]:
+    """'0:100,900:1000' -> the edit ids those Python slices of range(n) select, in order; None -> all of them."""
+    if not text:
+        return list(range(n))
+    ids: set[int] = set()
+    for part in text.split(","):
+        bounds = [int(b) if b.strip() else None for b in part.split(":")]
+        if len(bounds) == 1:
+            bounds = [bounds[0], bounds[0] + 1]
+        ids.update(range(n)[slice(*bounds)])
+    return sorted(ids)
+
+
+@contextlib.contextmanager
+def untrained(cfg):
+    """The editor's settings for an edit written for routing alone: no training step, no retry."""
+    saved = {k: getattr(cfg, k) for k in ("n_iter", "exact_steps", "retries")}
+    for k in saved:
+        setattr(cfg, k, 0)
+    try:
+        yield
+    finally:
+        for k, v in saved.items():
+            setattr(cfg, k, v)
+
+
+def write(facts: list[dict], store: Path, settings: dict, resume: bool, every: int,
+          train: set[int]) -> tuple[Memoir, float]:
+    """The memory with every fact written (continuing a saved store under --resume), those in `train` trained;
+    returns it and edit seconds."""
+    m = Memoir.create("default", **settings) if not (resume and (store / "LATEST").exists()) else \
+        Memoir.from_snapshot(store)
     done = m.memory.n_edits
-    todo = [EditRequest(f["prompt"], f["target"], f["rephrase"], f["unrelated"], subject=(f["subject"],))
-            for f in facts[done:]]
-    log.info("%s: %d edits stored, %d to write", store.name, done, len(todo))
-
-    def checkpoint(i: int, _res) -> None:
-        if (i + 1) % every == 0 or i + 1 == len(todo):
-            m.save(store, keep=2)
-
+    log.info("%s: %d edits stored, %d to write (%d to train)", store.name, done, len(facts) - done,
+             len(train - set(range(done))))
     t0 = time.perf_counter()
-    m.edit_many(todo, after_each=checkpoint)
+    for i in tqdm(range(done, len(facts)), desc="editing", unit="edit", initial=done, total=len(facts)):
+        f = facts[i]
+        with contextlib.nullcontext() if i in train else untrained(m.cfg):
+            m.edit(f["prompt"], f["target"], subject=(f["subject"],))
+        if (i + 1) % every == 0 or i + 1 == len(facts):
+            m.save(store, keep=2)
     return m, time.perf_counter() - t0
 
 
-def measure(m: Memoir, facts: list[dict], block: int, max_new_tokens: int) -> dict:
-    out = answers_by_kind(m, facts, block, max_new_tokens)
+def measure(m: Memoir, facts: list[dict], block: int, max_new_tokens: int, train: list[int]) -> dict:
+    out = answers_by_kind(m, facts, block, max_new_tokens, only=train)
+    trained = set(train)
     for name, field in UNCHANGED.items():
         answers = m.ask([f[field] for f in facts], max_new_tokens=max_new_tokens)
-        out[name] = sum(a.answer == a.base_answer for a in answers) / len(answers)
+        out[name] = sum(a.answer == a.base_answer and (a.edit_id is None or a.edit_id in trained)
+                        for a in answers) / len(answers)
+        out[name.replace("unchanged", "routed")] = sum(a.edit_id is not None for a in answers) / len(answers)
     return out
 
 
@@ -91,25 +130,29 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--nonempty", action="store_true", help="ask a store written before nonempty_answers existed "
                     "with it on (today's default): a routed answer never starts with an end token")
+    ap.add_argument("--train", default=None, metavar="SLICES",
+                    help="train only these edits, e.g. 0:100,900:1000 (default: all); see above")
     ap.add_argument("--out", default="runs/capacity.json")
     args = ap.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s", datefmt="%H:%M:%S")
     torch.set_num_threads(args.threads)
     facts = make_edits(args.n, args.seed)
+    train = parse_slices(args.train, args.n)
     runs = []
     for name, settings in map(parse_variant, args.variants):
-        m, edit_s = write(facts, Path(args.state) / name, settings, args.resume, args.checkpoint_every)
+        m, edit_s = write(facts, Path(args.state) / name, settings, args.resume, args.checkpoint_every, set(train))
         mem = m.memory
         if args.nonempty and not mem.end_ids:
             mem.end_ids = end_token_ids(m.tok)
         r = {"variant": name, "settings": settings, "edit_s_this_run": round(edit_s, 1), "n_shards": mem.n_shards,
              "nonempty_answers": bool(mem.end_ids),
              "bytes_per_edit": mem.weight.numel() * mem.weight.element_size() / max(mem.n_edits, 1),
-             **measure(m, facts, args.block, args.max_new_tokens)}
+             "trained": args.train or "all", **measure(m, facts, args.block, args.max_new_tokens, train)}
         runs.append(r)
         log.info("%s: %s", name, {k: (round(v, 3) if isinstance(v, float) else v) for k, v in r.items()})
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.out).write_text(json.dumps({"n": args.n, "seed": args.seed, "block": args.block, "runs": runs}, indent=1))
+    Path(args.out).write_text(json.dumps({"n": args.n, "seed": args.seed, "block": args.block, "train": args.train,
+                                          "runs": runs}, indent=1))
     print("| variant | edited | by age (oldest first) | paraphrase | paraphrase routed to its edit | same relation unchanged "
           "| same subject unchanged | unrelated unchanged | shards | bytes/edit | edited, full shards | paraphrase, full shards "
           "| statement |\n|---|---|---|---|---|---|---|---|---|---|---|---|---|")

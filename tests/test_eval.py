@@ -78,6 +78,8 @@ def test_answers_by_kind_asks_each_request_of_its_own_edit(tiny_model_dir):
     assert "cloze" not in got and len(got["edited_by_age"]) == 2 and len(got["paraphrase_by_age"]) == 1
     assert got["edited_routed"] == got["paraphrase_routed"] == 1.0
     assert got["edited_by_shard_position"]["per_shard"] == 2 and 0.0 <= got["edited"] <= 1.0
+    second = answers_by_kind(m, facts, block=1, max_new_tokens=3, only=[1])  # its one fact has no paraphrase
+    assert "paraphrase" not in second and len(second["edited_by_age"]) == 1 and second["edited_routed"] == 1.0
 
 
 def test_rel_by_age_blocks_oldest_first_and_conflicts_apart(tmp_path):
