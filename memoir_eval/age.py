@@ -42,7 +42,8 @@ def by_age(chunks: list[list[dict[str, Any]]], block: int = AGE_BLOCK) -> list[d
     out = []
     for start in range(0, size, block):
         rows = [r for rows in chunks for r in rows[start : start + block]]
-        out.append({"edits": f"{start}-{start + block - 1}", "n": len(rows), **_means(rows, AGE_METRICS)})
+        first, last = rows[0].get("position", start), rows[-1].get("position", start + block - 1)  # (sampled rows)
+        out.append({"edits": f"{first}-{last}", "n": len(rows), **_means(rows, AGE_METRICS)})
     return out
 
 

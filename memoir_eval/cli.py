@@ -33,6 +33,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
         model=args.model, data=args.data, Ts=args.T, out=args.out, limit=args.limit, chunks=args.chunks,
         settings={"supersede": False, **settings(args)}, generative=not args.no_generative, batch_size=args.batch_size,
         background=read_background(args.background), resume=args.resume, checkpoint_every=args.checkpoint_every,
+        train=args.train,
     )
     print(markdown_table(results))
     print(f"results: {args.out}/results.json")
@@ -60,6 +61,10 @@ def add_eval(sub) -> None:
                    "its last saved state")
     p.add_argument("--checkpoint-every", type=int, default=50, metavar="N",
                    help="save each chunk's memory every N edits under --out/state (default 50)")
+    p.add_argument("--train", metavar="SLICES",
+                   help="train only these positions of each chunk, e.g. 0:100,900:1000 (the oldest and newest 100 of "
+                   "T=1000); the others are written for routing alone (mask and subject, no step) and left out of the "
+                   "metrics; locality is then a lower bound (memoir_eval/sampled.py). Default: every edit")
     p.add_argument("--threads", type=int)
     add_device(p)
     add_settings(p)

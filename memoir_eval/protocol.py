@@ -27,6 +27,7 @@ from memoir_vllm.snapshot import latest_version, load_snapshot
 
 from .data import EvalRecord
 from .metrics import answer_match, exact_match, locality, mean_stderr, repeats
+from .sampled import edit_stream, sampled_rows
 from .scoring import generate_rows, score_rows, target_lengths
 
 log = logging.getLogger(__name__)
@@ -160,7 +161,7 @@ class Evaluator:
                             desc="eval: unrelated")
             for n, j in enumerate(loc):
                 out[j].update(loc=locality(sc.pred[n], pre.loc_pred[positions[j]]), loc_overlap=sc.ratio[n],
-                              loc_routed=sc.row[n] >= 0)
+                              loc_routed=sc.row[n] >= 0, loc_row=int(sc.row[n]))
         nb = neighbours(len(records), positions)
         if nb:  # neighbour locality: unedited questions of the same file (same forms, other subjects)
             at = {i: j for j, i in enumerate(positions)}
@@ -168,7 +169,7 @@ class Evaluator:
             sc = score_rows(m, prompts, [records[k].target for k in nb.values()], batch_size=bs,
                             desc="eval: neighbours")
             for n, i in enumerate(nb):
-                out[at[i]].update(neigh_routed=sc.row[n] >= 0)
+                out[at[i]].update(neigh_routed=sc.row[n] >= 0, neigh_row=int(sc.row[n]))
             if self.generative and all(k in pre.neigh_text for k in nb.values()):  # (a run resumed from older files)
                 texts, _ = generate_rows(m, prompts, [NEIGHBOUR_TOKENS] * len(nb), batch_size=1,
                                          desc="eval: neighbours, greedy")  # as pre_edit
@@ -228,7 +229,7 @@ class Evaluator:
     def run_chunk(self, records: list[EvalRecord], positions: list[int], pre: PreEdit, ppl: bool = False,
                   progress: bool = True, state: Path | None = None, every: int = 50,
                   prefixes: dict[int, Callable[[list[dict[str, Any]], dict[str, float]], None]] | None = None,
-                  ) -> tuple[list[dict[str, Any]], dict[str, float]]:
+                  train: set[int] | None = None) -> tuple[list[dict[str, Any]], dict[str, float]]:
         """Fresh memory, T sequential edits, then evaluate all T. Returns per-edit rows and timings.
 
         state: a directory where the chunk saves its memory every `every` edits and after the last one (a
@@ -237,6 +238,8 @@ class Evaluator:
         prefixes: {n: fn(rows, times)}: after the n-th edit, evaluate the first n positions and hand the
             rows to fn. A T=n chunk over this chunk's first n records is exactly this prefix (the same
             edits, in the same order, from the same fresh memory), so it need not be run again.
+        train: the chunk positions (0..T-1) to train; the others are written for routing alone and left out of
+            the rows (memoir_eval.sampled). None: all.
         """
         m, stats = self._start(state)
         prefixes = prefixes or {}
@@ -249,23 +252,23 @@ class Evaluator:
             n = len(stats)
             if n in prefixes:
                 t = time.perf_counter()
-                rows = self._evaluated(m, records, positions[:n], pre, ppl, stats)
+                rows = self._evaluated(m, records, positions[:n], pre, ppl, stats, train)
                 prefixes[n](rows, dict(edit_s=sum(x["seconds"] for x in stats), eval_s=time.perf_counter() - t))
             if state is not None and (n % every == 0 or n == len(positions)):
                 _save_state(m, stats, state)  # the last save holds the chunk's final memory (a usable snapshot)
 
-        m.edit_many([records[i].edit_request() for i in positions[len(stats):]], progress=progress,
+        edit_stream(m, [records[i].edit_request() for i in positions], train, start=len(stats), progress=progress,
                     after_each=after_each)
         t1 = time.perf_counter()
-        rows = self._evaluated(m, records, positions, pre, ppl, stats)
+        rows = self._evaluated(m, records, positions, pre, ppl, stats, train)
         return rows, dict(edit_s=sum(x["seconds"] for x in stats), eval_s=time.perf_counter() - t1)
 
     def _evaluated(self, m: Memoir, records: list[EvalRecord], positions: list[int], pre: PreEdit, ppl: bool,
-                   stats: list[dict[str, float]]) -> list[dict[str, Any]]:
+                   stats: list[dict[str, float]], train: set[int] | None = None) -> list[dict[str, Any]]:
         rows = self.evaluate(m, records, positions, pre, ppl=ppl)
         for d, st in zip(rows, stats):
             d.update(steps=st["steps"], final_loss=st["final_loss"])
-        return rows
+        return rows if train is None else sampled_rows(rows, train)
 
     def _start(self, state: Path | None) -> tuple[Memoir, list[dict[str, float]]]:
         """A fresh memory, or the memory and per-edit stats a chunk saved in `state`."""

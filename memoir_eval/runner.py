@@ -15,6 +15,7 @@ from .age import age_markdown, by_age, conflict_split, plot_by_age
 from .data import load_records, resolve_data
 from .protocol import Evaluator, PreEdit, chunk_positions, summarize
 from .report import markdown_table, plot, write_json
+from .sampled import parse_slices
 
 log = logging.getLogger(__name__)
 
@@ -28,7 +29,7 @@ def run_eval(
     model: str | Path, data: str, Ts: list[int], out: str | Path, limit: int | None = None,
     chunks: int | None = None, settings: dict[str, Any] | None = None, generative: bool = True,
     batch_size: int = 16, background: list[str] | None = None, progress: bool = True,
-    evaluator: Evaluator | None = None, resume: bool = False, checkpoint_every: int = 50,
+    evaluator: Evaluator | None = None, resume: bool = False, checkpoint_every: int = 50, train: str | None = None,
 ) -> dict[str, Any]:
     """Run the sequential-editing protocol for each T and write the results under out.
 
@@ -41,6 +42,8 @@ def run_eval(
         settings: MemoirConfig overrides.
         resume: continue the run in `out`: finished chunks are kept, an interrupted chunk continues
             from its last state (saved every `checkpoint_every` edits under out/state/).
+        train: slices of chunk positions to train (memoir_eval.sampled.parse_slices, e.g. '0:100,900:1000'); the
+            other edits are written for routing alone and left out of the metrics. None: every edit.
     Returns the results dict also written to out/results.json.
 
     The largest T runs first; a smaller T whose first chunk is its prefix (T=100's records 0..99 are
@@ -57,7 +60,7 @@ def run_eval(
     used = sorted({i for chunks_, _ in plans.values() for c in chunks_ for i in c})
     results: dict[str, Any] = dict(
         model=str(model), data=str(data), data_file=str(resolve_data(data)), n_records=len(records),
-        config=ev.cfg.to_dict(), generative=generative, runs={},
+        config=ev.cfg.to_dict(), generative=generative, train=train, runs={},
     )
     done: dict[int, list[list[dict[str, Any]]]] = {T: [] for T in plans}
     if resume and (out / "results.json").exists():
@@ -91,7 +94,8 @@ def run_eval(
             log.info("T=%d: chunk %d/%d (records %d..%d)%s", T, c + 1, len(chunk_list), positions[0], positions[-1],
                      f", evaluating T={sorted(prefixes)} on the way" if prefixes else "")
             rows, times = ev.run_chunk(records, positions, pre, ppl=ppl, progress=progress,
-                                       state=out / "state" / f"T{T}-c{c}", every=checkpoint_every, prefixes=prefixes)
+                                       state=out / "state" / f"T{T}-c{c}", every=checkpoint_every, prefixes=prefixes,
+                                       train=None if train is None else set(parse_slices(train, len(positions))))
             record(T, rows, times)
     overlaps = {str(T): {
         "edit prompts": [r["edit_overlap"] for rows in done[T] for r in rows],
@@ -122,9 +126,9 @@ def _resumed(out: Path, fresh: dict[str, Any], plans: dict) -> tuple[dict[str, A
     old = json.loads((out / "results.json").read_text())
     # a run saved before a setting existed has that setting's default
     old["config"] = MemoirConfig.from_dict(old.get("config", {})).to_dict()
-    for key in ("data_file", "n_records", "config", "generative"):
-        if old.get(key) != fresh[key]:
-            raise ValueError(f"cannot resume {out}: its {key} was {old.get(key)!r}, this run's is {fresh[key]!r}. "
+    for key in ("data_file", "n_records", "config", "generative", "train"):
+        if old.get(key) != fresh.get(key):
+            raise ValueError(f"cannot resume {out}: its {key} was {old.get(key)!r}, this run's is {fresh.get(key)!r}. "
                              "Resume with the same data and settings, or choose a new --out")
     done: dict[int, list[list[dict[str, Any]]]] = {T: [] for T in plans}
     for T in plans:

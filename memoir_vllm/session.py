@@ -200,7 +200,7 @@ class Memoir:
         for i, req in enumerate(bar):
             res = self.edit(req.prompt, req.target, req.source, subject=req.subject or None)
             results.append(res)
-            bar.set_postfix(loss=f"{res.losses[-1]:.3f}", steps=res.steps)
+            bar.set_postfix(loss=f"{res.losses[-1]:.3f}" if res.losses else "-", steps=res.steps)
             if res.superseded:
                 log.info("edit %d (%r) supersedes %s", res.edit_id, req.prompt[:60], res.superseded)
             if after_each:

@@ -14,17 +14,13 @@ memoir_eval.age.by_shard_position), and the share routed to their own edit; para
 about an edited subject, and unrelated questions answered as without the memory; edit seconds, shards and
 bytes of W_m per edit.
 
---train SLICES (e.g. 0:100,900:1000) trains only those edits; the others are written for routing alone (their
-mask and subject stored, no training step, their columns left zero), so they compete for every request as trained
-edits do. Under free columns an edit's answer depends on its own columns and on routing alone, so the trained
-edits answer as in a store where every edit was trained (less the weight decay later edits of a shard would
-apply, at most (1 - 1e-5)^(30 x 23) = 0.993). Neighbour questions are then asked of every fact, and one routed to
-an untrained edit counts as changed (its answer in a full store is unknown): a lower bound.
+--train SLICES (e.g. 0:100,900:1000) trains only those edits; the others are written for routing alone
+(memoir_eval/sampled.py: mask and subject stored, no step, columns zero) and only the trained ones are asked.
+Neighbour questions are asked of every fact; one routed to an untrained edit counts as changed (a lower bound).
 """
 from __future__ import annotations
 
 import argparse
-import contextlib
 import json
 import logging
 import sys
@@ -32,13 +28,14 @@ import time
 from pathlib import Path
 
 import torch
-from tqdm import tqdm
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 from memoir_eval.age import full_shards  # noqa: E402
 from memoir_eval.greedy import answers_by_kind  # noqa: E402
+from memoir_eval.sampled import edit_stream, parse_slices  # noqa: E402
+from memoir_vllm.edits import EditRequest  # noqa: E402
 from memoir_eval.synthetic import make_edits  # noqa: E402
 from memoir_vllm.session import Memoir  # noqa: E402
 from memoir_vllm.tokens import end_token_ids  # noqa: E402
@@ -61,48 +58,23 @@ def parse_variant(text: str) -> tuple[str, dict]:
     return name, settings
 
 
-def parse_slices(text: str | None, n: int) -> list[int]:
-    """'0:100,900:1000' -> the edit ids those Python slices of range(n) select, in order; None -> all of them."""
-    if not text:
-        return list(range(n))
-    ids: set[int] = set()
-    for part in text.split(","):
-        bounds = [int(b) if b.strip() else None for b in part.split(":")]
-        if len(bounds) == 1:
-            bounds = [bounds[0], bounds[0] + 1]
-        ids.update(range(n)[slice(*bounds)])
-    return sorted(ids)
-
-
-@contextlib.contextmanager
-def untrained(cfg):
-    """The editor's settings for an edit written for routing alone: no training step, no retry."""
-    saved = {k: getattr(cfg, k) for k in ("n_iter", "exact_steps", "retries")}
-    for k in saved:
-        setattr(cfg, k, 0)
-    try:
-        yield
-    finally:
-        for k, v in saved.items():
-            setattr(cfg, k, v)
-
-
 def write(facts: list[dict], store: Path, settings: dict, resume: bool, every: int,
           train: set[int]) -> tuple[Memoir, float]:
     """The memory with every fact written (continuing a saved store under --resume), those in `train` trained;
     returns it and edit seconds."""
-    m = Memoir.create("default", **settings) if not (resume and (store / "LATEST").exists()) else \
-        Memoir.from_snapshot(store)
+    m = Memoir.from_snapshot(store) if resume and (store / "LATEST").exists() else Memoir.create("default", **settings)
     done = m.memory.n_edits
+    requests = [EditRequest(f["prompt"], f["target"], f["rephrase"], f["unrelated"], subject=(f["subject"],))
+                for f in facts]
     log.info("%s: %d edits stored, %d to write (%d to train)", store.name, done, len(facts) - done,
              len(train - set(range(done))))
-    t0 = time.perf_counter()
-    for i in tqdm(range(done, len(facts)), desc="editing", unit="edit", initial=done, total=len(facts)):
-        f = facts[i]
-        with contextlib.nullcontext() if i in train else untrained(m.cfg):
-            m.edit(f["prompt"], f["target"], subject=(f["subject"],))
+
+    def checkpoint(i: int, _res) -> None:
         if (i + 1) % every == 0 or i + 1 == len(facts):
             m.save(store, keep=2)
+
+    t0 = time.perf_counter()
+    edit_stream(m, requests, train, start=done, after_each=checkpoint)
     return m, time.perf_counter() - t0
 
 
@@ -137,7 +109,7 @@ def main() -> None:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s", datefmt="%H:%M:%S")
     torch.set_num_threads(args.threads)
     facts = make_edits(args.n, args.seed)
-    train = parse_slices(args.train, args.n)
+    train = parse_slices(args.train, args.n)  # (all n without --train)
     runs = []
     for name, settings in map(parse_variant, args.variants):
         m, edit_s = write(facts, Path(args.state) / name, settings, args.resume, args.checkpoint_every, set(train))

@@ -185,6 +185,20 @@ def test_protocol_end_to_end(evaluator, tmp_path):
 
 
 @pytest.mark.model
+def test_a_sampled_run_scores_only_the_trained_edits(evaluator, tmp_path):
+    """--train 0,2 of T=3: edit 1 is written for routing alone and left out of the metrics."""
+    from memoir_eval.runner import run_eval
+
+    res = run_eval("default", "zsre", [3], tmp_path, limit=3, evaluator=evaluator, progress=False, train="0,2")
+    assert res["train"] == "0,2" and res["runs"]["3"]["n_edits"] == 2
+    rows = [json.loads(x) for x in (tmp_path / "records_T3.jsonl").read_text().splitlines()]
+    assert [(r["record"], r["position"]) for r in rows] == [(0, 0), (2, 2)]
+    assert res["runs"]["3"]["metrics"]["edit_routed_right"]["mean"] == 1.0
+    with pytest.raises(ValueError, match="train"):  # a sampled run resumes only as one
+        run_eval("default", "zsre", [3], tmp_path, limit=3, evaluator=evaluator, progress=False, resume=True)
+
+
+@pytest.mark.model
 def test_a_chat_format_memory_is_also_scored_as_chat_requests(default_model_dir, zsre_path, tmp_path):
     from memoir_eval.protocol import Evaluator
     from memoir_eval.runner import run_eval

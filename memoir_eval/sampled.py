@@ -1,0 +1,91 @@
+"""Long streams measured in less time: train only some edits, write the others for routing alone.
+
+    train = parse_slices("0:100,900:1000", 1000)       # the oldest and the newest 100 of 1,000
+    edit_stream(m, requests, set(train))               # 200 edits trained, 800 written for routing alone
+    rows = sampled_rows(rows, set(train))              # evaluation rows of the trained edits
+
+An edit written for routing alone has its mask and subject stored like any other and no training step: its
+columns stay zero. It competes for every request as a trained edit does, since routing reads the unedited
+model's activations, never W_m. Under free columns an edit's answer depends on its own columns and on routing
+alone, so a trained edit answers as it would in a store where every edit was trained, less the weight decay the
+later edits of its shard would have applied (decoupled, 1e-5 per step: at most (1 - 1e-5)^(30 x 23) = .993 of
+its weights). A request routed to an untrained edit has an unknown answer in the full store; the unedited
+questions such a request spoils count as changed, so locality from a sampled store is a lower bound.
+"""
+from __future__ import annotations
+
+import contextlib
+from typing import Any, Callable, Iterator, Sequence
+
+from memoir_vllm.edits import EditRequest
+
+NO_TRAINING = ("n_iter", "exact_steps", "retries")  # the MemoirConfig fields that make an edit train
+
+
+def parse_slices(text: str | None, n: int) -> list[int]:
+    """'0:100,900:1000' (Python slices of range(n), or single indices) -> the positions they select, in order;
+    None or '' -> all n."""
+    if not text:
+        return list(range(n))
+    picked: set[int] = set()
+    for part in text.split(","):
+        try:
+            bounds = [int(b) if b.strip() else None for b in part.split(":")]
+        except ValueError:
+            raise ValueError(f"--train {text!r}: {part!r} is not a slice; give e.g. 0:100,900:1000") from None
+        if len(bounds) == 1:
+            bounds = [bounds[0], bounds[0] + 1]
+        if len(bounds) > 3:
+            raise ValueError(f"--train {text!r}: {part!r} is not a slice; give e.g. 0:100,900:1000")
+        picked.update(range(n)[slice(*bounds)])
+    if not picked:
+        raise ValueError(f"--train {text!r} selects none of the {n} edits; give e.g. 0:100,{n - 100}:{n}")
+    return sorted(picked)
+
+
+@contextlib.contextmanager
+def untrained(cfg) -> Iterator[None]:
+    """cfg (the editor's MemoirConfig) set for an edit written for routing alone: no step, no retry."""
+    saved = {k: getattr(cfg, k) for k in NO_TRAINING}
+    for k in saved:
+        setattr(cfg, k, 0)
+    try:
+        yield
+    finally:
+        for k, v in saved.items():
+            setattr(cfg, k, v)
+
+
+def edit_stream(m, requests: Sequence[EditRequest], train: set[int] | None, start: int = 0,
+                after_each: Callable[[int, Any], None] | None = None, progress: bool = True) -> None:
+    """Write requests[start:] into the Memoir m in order; position i is trained when i is in `train` (None: all),
+    else written for routing alone. after_each(i, result) as in Memoir.edit_many."""
+    todo = list(requests[start:])
+    if train is None:
+        m.edit_many(todo, progress=progress, after_each=after_each)
+        return
+    i = start
+    while i < len(requests):  # runs of trained and untrained positions, each one edit_many
+        j, trains = i, i in train
+        while j < len(requests) and (j in train) == trains:
+            j += 1
+        with contextlib.nullcontext() if trains else untrained(m.cfg):
+            m.edit_many(requests[i:j], progress=progress,
+                        after_each=None if after_each is None else (lambda k, r, i=i: after_each(i + k, r)))
+        i = j
+
+
+def sampled_rows(rows: list[dict[str, Any]], train: set[int]) -> list[dict[str, Any]]:
+    """The evaluation rows (one per edit, in stream order) of the trained edits; an unrelated prompt or a
+    neighbour question routed to an untrained edit counts as changed (loc 0, neigh_changed 1): a lower bound."""
+    out = []
+    for j, row in enumerate(rows):
+        if j not in train:
+            continue
+        row = dict(row, position=j)
+        if row.get("loc_row", -1) >= 0 and row["loc_row"] not in train:
+            row["loc"] = 0.0
+        if row.get("neigh_row", -1) >= 0 and row["neigh_row"] not in train and "neigh_changed" in row:
+            row["neigh_changed"] = 1.0
+        out.append(row)
+    return out
