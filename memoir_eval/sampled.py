@@ -19,7 +19,9 @@ from typing import Any, Callable, Iterator, Sequence
 
 from memoir_vllm.edits import EditRequest
 
-NO_TRAINING = ("n_iter", "exact_steps", "retries")  # the MemoirConfig fields that make an edit train
+# MemoirConfig for an edit written for routing alone: no step, no retry, no statement row (a training row that
+# costs a generation; routing reads the plain row alone)
+UNTRAINED = {"n_iter": 0, "exact_steps": 0, "retries": 0, "statement_rows": "none"}
 
 
 def parse_slices(text: str | None, n: int) -> list[int]:
@@ -45,10 +47,10 @@ def parse_slices(text: str | None, n: int) -> list[int]:
 
 @contextlib.contextmanager
 def untrained(cfg) -> Iterator[None]:
-    """cfg (the editor's MemoirConfig) set for an edit written for routing alone: no step, no retry."""
-    saved = {k: getattr(cfg, k) for k in NO_TRAINING}
-    for k in saved:
-        setattr(cfg, k, 0)
+    """cfg (the editor's MemoirConfig) set for an edit written for routing alone (UNTRAINED)."""
+    saved = {k: getattr(cfg, k) for k in UNTRAINED}
+    for k, v in UNTRAINED.items():
+        setattr(cfg, k, v)
     try:
         yield
     finally:

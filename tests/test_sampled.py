@@ -7,7 +7,7 @@ from memoir_vllm.edits import EditRequest
 
 FACTS = [("The capital of Freedonia is", "Fredville", "Freedonia"), ("The Eiffel Tower is in", "Rome", "Eiffel Tower"),
          ("Water boils at", "ninety degrees", "Water")]
-SETTINGS = dict(routing="subject", columns="free", k=16, n_iter=3, exact_steps=0, retries=0)
+SETTINGS = dict(routing="subject", columns="free", k=16, n_iter=3, exact_steps=0, retries=0, statement_rows="self")
 
 
 def test_slices_select_positions_of_the_stream():
@@ -34,7 +34,7 @@ def test_an_untrained_edit_routes_like_a_trained_one_and_keeps_its_columns_zero(
     seen = []
     edit_stream(sampled, requests, {0, 2}, progress=False, after_each=lambda i, r: seen.append((i, r.steps)))
     assert [(i, steps > 0) for i, steps in seen] == [(0, True), (1, False), (2, True)]
-    assert sampled.cfg.n_iter == 3  # the editor's settings are back after the untrained run
+    assert (sampled.cfg.n_iter, sampled.cfg.statement_rows) == (3, "self")  # back after the untrained run
     assert torch.equal(sampled.memory.index.masks(torch.arange(3)), full.memory.index.masks(torch.arange(3)))
     assert _columns(sampled, 1).abs().sum() == 0 and _columns(full, 1).abs().sum() > 0
     assert torch.equal(_columns(sampled, 2), _columns(full, 2))  # trained from zero on its own columns alike
