@@ -16,7 +16,7 @@ bytes of W_m per edit.
 
 --train SLICES (e.g. 0:100,900:1000) trains only those edits; the others are written for routing alone
 (memoir_eval/sampled.py: mask and subject stored, no step, columns zero) and only the trained ones are asked.
-Neighbour questions are asked of every fact; one routed to an untrained edit counts as changed (a lower bound).
+Neighbour questions are those of the trained facts; one routed to an untrained edit counts as changed.
 """
 from __future__ import annotations
 
@@ -82,7 +82,7 @@ def measure(m: Memoir, facts: list[dict], block: int, max_new_tokens: int, train
     out = answers_by_kind(m, facts, block, max_new_tokens, only=train)
     trained = set(train)
     for name, field in UNCHANGED.items():
-        answers = m.ask([f[field] for f in facts], max_new_tokens=max_new_tokens)
+        answers = m.ask([facts[i][field] for i in train], max_new_tokens=max_new_tokens)
         out[name] = sum(a.answer == a.base_answer and (a.edit_id is None or a.edit_id in trained)
                         for a in answers) / len(answers)
         out[name.replace("unchanged", "routed")] = sum(a.edit_id is not None for a in answers) / len(answers)
