@@ -63,6 +63,10 @@ def edit_stream(m, requests: Sequence[EditRequest], train: set[int] | None, star
     """Write requests[start:] into the Memoir m in order; position i is trained when i is in `train` (None: all),
     else written for routing alone. after_each(i, result) as in Memoir.edit_many."""
     todo = list(requests[start:])
+    if train is not None and m.memory.columns != "free":
+        raise ValueError(f"training only some edits needs columns='free' (this memory has {m.memory.columns!r}): "
+                         "under shared columns later edits retrain earlier ones' columns, which a sampled run "
+                         "would not measure; drop --train or use --columns free")
     if train is None:
         m.edit_many(todo, progress=progress, after_each=after_each)
         return

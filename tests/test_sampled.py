@@ -45,6 +45,14 @@ def test_an_untrained_edit_routes_like_a_trained_one_and_keeps_its_columns_zero(
     assert asked[1].edit_id == 1 and asked[1].answer == asked[1].base_answer  # routed, with nothing to add
 
 
+def test_a_sampled_stream_needs_free_columns(tiny_model_dir):
+    from memoir_vllm.session import Memoir
+
+    m = Memoir.create(tiny_model_dir, **dict(SETTINGS, columns="shared"))
+    with pytest.raises(ValueError, match="needs columns='free'.*drop --train or use --columns free"):
+        edit_stream(m, [EditRequest(*FACTS[0][:2])], {0}, progress=False)
+
+
 def test_sampled_rows_keep_the_trained_edits_and_bound_locality_from_below():
     rows = [dict(rel=1.0, loc=1.0, loc_row=-1, neigh_row=1, neigh_changed=0.0),  # neighbour routed to untrained 1
             dict(rel=0.0, loc=1.0, loc_row=-1),
