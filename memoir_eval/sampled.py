@@ -15,6 +15,7 @@ questions such a request spoils count as changed, so locality from a sampled sto
 from __future__ import annotations
 
 import contextlib
+import itertools
 from typing import Any, Callable, Iterator, Sequence
 
 from memoir_vllm.edits import EditRequest
@@ -62,23 +63,25 @@ def edit_stream(m, requests: Sequence[EditRequest], train: set[int] | None, star
                 after_each: Callable[[int, Any], None] | None = None, progress: bool = True) -> None:
     """Write requests[start:] into the Memoir m in order; position i is trained when i is in `train` (None: all),
     else written for routing alone. after_each(i, result) as in Memoir.edit_many."""
-    todo = list(requests[start:])
     if train is not None and m.memory.columns != "free":
         raise ValueError(f"training only some edits needs columns='free' (this memory has {m.memory.columns!r}): "
                          "under shared columns later edits retrain earlier ones' columns, which a sampled run "
                          "would not measure; drop --train or use --columns free")
     if train is None:
-        m.edit_many(todo, progress=progress, after_each=after_each)
+        m.edit_many(requests[start:], progress=progress, after_each=after_each)
         return
-    i = start
-    while i < len(requests):  # runs of trained and untrained positions, each one edit_many
-        j, trains = i, i in train
-        while j < len(requests) and (j in train) == trains:
-            j += 1
+    # runs of trained and untrained positions, each one edit_many
+    for trains, run in itertools.groupby(range(start, len(requests)), key=lambda i: i in train):
+        i, *rest = run
         with contextlib.nullcontext() if trains else untrained(m.cfg):
-            m.edit_many(requests[i:j], progress=progress,
+            m.edit_many(requests[i : i + 1 + len(rest)], progress=progress,
                         after_each=None if after_each is None else (lambda k, r, i=i: after_each(i + k, r)))
-        i = j
+
+
+def unknown(routed: int | None, train: set[int]) -> bool:
+    """Whether a request routed to edit `routed` (None or -1: to none) reached an untrained edit, whose answer in
+    the fully trained store is unknown: an unedited question that did counts as changed."""
+    return routed is not None and routed >= 0 and routed not in train
 
 
 def sampled_rows(rows: list[dict[str, Any]], train: set[int]) -> list[dict[str, Any]]:
@@ -89,9 +92,9 @@ def sampled_rows(rows: list[dict[str, Any]], train: set[int]) -> list[dict[str, 
         if j not in train:
             continue
         row = dict(row, position=j)
-        if row.get("loc_row", -1) >= 0 and row["loc_row"] not in train:
+        if unknown(row.get("loc_row"), train):
             row["loc"] = 0.0
-        if row.get("neigh_row", -1) >= 0 and row["neigh_row"] not in train and "neigh_changed" in row:
+        if unknown(row.get("neigh_row"), train) and "neigh_changed" in row:
             row["neigh_changed"] = 1.0
         out.append(row)
     return out

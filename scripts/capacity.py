@@ -34,9 +34,9 @@ sys.path.insert(0, str(REPO))
 
 from memoir_eval.age import full_shards  # noqa: E402
 from memoir_eval.greedy import answers_by_kind  # noqa: E402
-from memoir_eval.sampled import edit_stream, parse_slices  # noqa: E402
-from memoir_vllm.edits import EditRequest  # noqa: E402
+from memoir_eval.sampled import edit_stream, parse_slices, unknown  # noqa: E402
 from memoir_eval.synthetic import make_edits  # noqa: E402
+from memoir_vllm.edits import EditRequest  # noqa: E402
 from memoir_vllm.session import Memoir  # noqa: E402
 from memoir_vllm.tokens import end_token_ids  # noqa: E402
 
@@ -83,8 +83,7 @@ def measure(m: Memoir, facts: list[dict], block: int, max_new_tokens: int, train
     trained = set(train)
     for name, field in UNCHANGED.items():
         answers = m.ask([facts[i][field] for i in train], max_new_tokens=max_new_tokens)
-        out[name] = sum(a.answer == a.base_answer and (a.edit_id is None or a.edit_id in trained)
-                        for a in answers) / len(answers)
+        out[name] = sum(a.answer == a.base_answer and not unknown(a.edit_id, trained) for a in answers) / len(answers)
         out[name.replace("unchanged", "routed")] = sum(a.edit_id is not None for a in answers) / len(answers)
     return out
 
